@@ -1,0 +1,65 @@
+# actsparse — quick start: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+BUILD ?= build
+JOBS ?= 2
+CMAKE_FLAGS ?=
+VENV := .venv
+VPY := $(VENV)/bin/python
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+# Targets of the pinned llama.cpp plus our own tools.
+LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
+                 actsparse-calibrate
+WORKTREE := work/llama.cpp
+
+.PHONY: all build venv demo test lint format llama-src patches clean help
+all: build venv
+
+help:
+	@echo "make demo       build, fetch the default model and run the main job"
+	@echo "make test       build and run the whole test suite"
+	@echo "make build      configure and build llama.cpp + native/ into $(BUILD)/bin"
+	@echo "make venv       project virtual environment in $(VENV)"
+	@echo "make llama-src  lay out the pinned llama.cpp as a git work tree in $(WORKTREE) with patches/ applied"
+	@echo "make patches    regenerate patches/ from the commits in $(WORKTREE)"
+	@echo "make lint       ruff check + format check"
+
+$(BUILD)/build.ninja: CMakeLists.txt cmake/PinnedLlamaCpp.cmake
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+build: $(BUILD)/build.ninja
+	cmake --build $(BUILD) -j$(JOBS) --target $(LLAMA_TARGETS)
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip
+	# pure-Python binding: it loads our libllama (see actsparse/engine.py), so it compiles nothing
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(VPY) -m pip install -q --disable-pip-version-check --no-cache-dir $(LLAMA_CPP_PYTHON)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+demo: build venv
+	$(VPY) -m actsparse.cli demo
+
+test: build venv
+	$(VPY) -m pytest -ra tests
+
+lint: venv
+	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff format --check python tests
+
+format: venv
+	$(VENV)/bin/ruff format python tests
+	$(VENV)/bin/ruff check --fix python tests
+
+# A git work tree of the pinned source: commit "pristine", then one commit per patch.
+llama-src: $(BUILD)/build.ninja
+	scripts/llama-src.sh init $(BUILD) $(WORKTREE)
+
+patches:
+	scripts/llama-src.sh export $(BUILD) $(WORKTREE)
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,142 @@
+"""Calibration statistics, collected by running the model in this project's llama.cpp build.
+
+`actsparse-calibrate` (native/tools) does the work; this module runs it with a progress bar and
+reads the statistics GGUF it writes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import engine
+from .gguf_io import GGUFError, field_value, open_gguf
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not run; the message is one line for the user."""
+
+
+@dataclass
+class LayerStats:
+    mean_abs_up: np.ndarray
+    act_hist: np.ndarray
+    score_hist: np.ndarray | None
+    q_in_hist: np.ndarray | None
+    o_in_hist: np.ndarray | None
+    dumps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationStats:
+    activation: str
+    tokens: int
+    window: int
+    layers: list[LayerStats]
+
+
+def run_collector(
+    model: Path,
+    text_file: Path,
+    out_file: Path,
+    *,
+    tokens: int,
+    window: int,
+    threads: int,
+    chess: bool = True,
+    dump_layers: tuple[int, ...] = (),
+    dump_tokens: int = 0,
+    progress: bool = True,
+) -> None:
+    cmd = [
+        str(engine.binary("actsparse-calibrate")),
+        "-m", str(model), "-f", str(text_file), "-o", str(out_file),
+        "-n", str(tokens), "-c", str(window), "-t", str(threads),
+    ]  # fmt: skip
+    if not chess:
+        cmd.append("--cats-only")
+    if dump_layers:
+        cmd += ["--dump-layers", ",".join(map(str, dump_layers)), "--dump-tokens", str(dump_tokens)]
+    errors: list[str] = []
+    bar: tqdm | None = None
+    n_pass = 2 if chess else 1
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == "progress":
+                pass_no, done, total = int(parts[1]), int(parts[2]), int(parts[3])
+                if bar is None:
+                    bar = tqdm(
+                        total=total * n_pass, unit="tok", unit_scale=True, desc="calibrating",
+                        disable=not progress, dynamic_ncols=True,
+                    )  # fmt: skip
+                bar.update((pass_no - 1) * total + done - bar.n)
+                bar.set_postfix_str(f"pass {pass_no}/{n_pass}")
+            elif line.strip():
+                errors.append(line.strip())
+        rc = proc.wait()
+    if bar is not None:
+        bar.close()
+    if rc != 0:
+        msg = next((e for e in reversed(errors) if e.startswith("error:")), errors[-1] if errors else "")
+        raise CalibrationError(msg.removeprefix("error: ") or f"actsparse-calibrate exited with {rc}")
+
+
+def read_stats(path: Path) -> CalibrationStats:
+    try:
+        reader = open_gguf(path)
+    except GGUFError as e:
+        raise CalibrationError(str(e)) from None
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> np.ndarray | None:
+        t = tensors.get(name)
+        if t is None:
+            return None
+        return np.array(t.data, dtype=t.data.dtype).reshape([int(x) for x in reversed(t.shape)])
+
+    n_layer = int(field_value(reader, "actsparse.stats.n_layer"))
+    layers = []
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        dumps = {}
+        for kind in ("ffn_act", "ffn_up", "attn_q_in", "attn_o_in"):
+            d = get(p + "dump." + kind)
+            if d is not None:
+                dumps[kind] = d
+        layers.append(
+            LayerStats(
+                mean_abs_up=get(p + "ffn_up_mean_abs").reshape(-1),
+                act_hist=get(p + "ffn_act_hist").reshape(-1),
+                score_hist=_flat(get(p + "ffn_score_hist")),
+                q_in_hist=_flat(get(p + "attn_q_in_hist")),
+                o_in_hist=_flat(get(p + "attn_o_in_hist")),
+                dumps=dumps,
+            )
+        )
+    return CalibrationStats(
+        activation=str(field_value(reader, "actsparse.stats.activation")),
+        tokens=int(field_value(reader, "actsparse.stats.tokens")),
+        window=int(field_value(reader, "actsparse.stats.window")),
+        layers=layers,
+    )
+
+
+def _flat(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else a.reshape(-1)
+
+
+def collect(model: Path, text: str, **kwargs: object) -> CalibrationStats:
+    """Run the collector on `text` and return its statistics (temporary files are removed)."""
+    with tempfile.TemporaryDirectory(prefix="actsparse-calib-") as tmp:
+        text_file = Path(tmp) / "calib.txt"
+        text_file.write_text(text, encoding="utf-8")
+        out = Path(tmp) / "stats.gguf"
+        run_collector(model, text_file, out, **kwargs)  # type: ignore[arg-type]
+        return read_stats(out)

@@ -1,0 +1,49 @@
+"""The `actsparse` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, convert, sparsity_info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="actsparse",
+        description="Training-free activation sparsity (CHESS) for llama.cpp / GGUF models.",
+    )
+    p.add_argument("--version", action="version", version=f"actsparse {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="calibrate thresholds and write a sparse GGUF")
+    convert.add_arguments(c)
+    c.set_defaults(func=convert.run)
+
+    sparsity_info.add_cli(sub)
+
+    from . import models
+
+    models.add_cli(sub)
+
+    from . import demo
+
+    demo.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Conversion: model -> calibration statistics -> thresholds -> sparse GGUF.
+
+`python python/convert_with_thresholds.py MODEL.gguf` and `actsparse convert MODEL.gguf` both
+land in `main()`. The output schema is docs/gguf-format.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+from tqdm import tqdm
+
+from . import __version__, calibration, gguf_io, thresholds, transpose
+from .gguf_io import GGUFError, ModelInfo, NewTensor
+
+DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7"
+DEFAULT_LEVEL = 0.5
+DEFAULT_TOKENS = 65536
+DEFAULT_WINDOW = 512
+DEFAULT_TRANSPOSED_TYPE = "same"
+
+
+class UsageError(ValueError):
+    """Bad arguments or input; reported as one line with exit code 2."""
+
+
+@dataclass
+class CalibText:
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="input GGUF (any supported gated-FFN model)")
+    p.add_argument("-o", "--output", type=Path, help="output GGUF (default: MODEL.sparse.gguf beside the input)")
+    p.add_argument(
+        "--sparsity", default=DEFAULT_LEVELS,
+        help=f"comma-separated target sparsity levels in (0,1) (default {DEFAULT_LEVELS})",
+    )  # fmt: skip
+    p.add_argument(
+        "--default-level", type=float, default=None,
+        help=f"level --sparse uses without a value (default {DEFAULT_LEVEL} if requested, else the middle one)",
+    )  # fmt: skip
+    p.add_argument("--method", choices=("chess", "cats"), default="chess", help="threshold method (default chess)")
+    p.add_argument("--no-attn", action="store_true", help="no selective attention thresholds (FFN only)")
+    p.add_argument("--calib-file", type=Path, help="calibration text file (default: the project's corpus)")
+    p.add_argument(
+        "--calib-tokens", type=int, default=DEFAULT_TOKENS,
+        help=f"calibration tokens (default {DEFAULT_TOKENS})",
+    )  # fmt: skip
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    p.add_argument(
+        "--transposed-type", choices=transpose.TRANSPOSED_TYPE_CHOICES, default=DEFAULT_TRANSPOSED_TYPE,
+        help="type of the transposed copies of a quantized model (default %(default)s; see docs/gguf-format.md)",
+    )  # fmt: skip
+    p.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
+    p.add_argument("--force", action="store_true", help="re-calibrate an input that already carries thresholds")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def default_output(model: Path) -> Path:
+    name = model.name[: -len(".gguf")] if model.name.endswith(".gguf") else model.name
+    return model.with_name(name + ".sparse.gguf")
+
+
+def check_output(model: Path, out: Path) -> None:
+    if out.resolve() == model.resolve() or (out.exists() and os.path.samefile(out, model)):
+        raise UsageError(f"output path {out} is the input; choose another with -o")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {parent} is not writable")
+
+
+def load_calibration_text(path: Path | None) -> CalibText:
+    if path is not None:
+        try:
+            return CalibText(path.name, path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read calibration text {path}: {e.__class__.__name__}") from None
+    from . import data
+
+    corpus = data.calibration_corpus()
+    return CalibText(corpus.name, corpus.text)
+
+
+def choose_default_level(levels: list[float], requested: float | None) -> float:
+    if requested is not None:
+        if not any(abs(requested - v) < 1e-6 for v in levels):
+            raise UsageError(f"--default-level {requested} is not one of the levels {levels}")
+        return requested
+    if any(abs(DEFAULT_LEVEL - v) < 1e-6 for v in levels):
+        return DEFAULT_LEVEL
+    return levels[len(levels) // 2]
+
+
+def threshold_tensors(
+    info: ModelInfo, stats: calibration.CalibrationStats, levels: list[float], method: str, attn: bool
+) -> list[NewTensor]:
+    out: list[NewTensor] = []
+    f32 = GGMLQuantizationType.F32
+    for il, ls in enumerate(stats.layers):
+        if method == "chess":
+            if ls.score_hist is None:
+                raise RuntimeError("CHESS scores missing from the statistics")
+            t = thresholds.chess_thresholds(ls.mean_abs_up, ls.score_hist, levels)
+        else:
+            t = thresholds.cats_thresholds(ls.act_hist, levels)
+        out.append(_const(gguf_io.FFN_THRESH.format(il), t, f32))
+        if attn:
+            if ls.q_in_hist is None or ls.o_in_hist is None:
+                raise RuntimeError(f"layer {il}: attention statistics missing (attn_norm/kqv_out not seen)")
+            out.append(_const(gguf_io.Q_IN_THRESH.format(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32))
+            out.append(_const(gguf_io.O_IN_THRESH.format(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32))
+    return out
+
+
+def _const(name: str, values: np.ndarray, qtype: GGMLQuantizationType) -> NewTensor:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise RuntimeError(f"{name}: non-finite or negative threshold computed")
+    return NewTensor(name, (values.shape[1], values.shape[0]), qtype, lambda: values)
+
+
+def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
+    kinds = [("ffn_down", gguf_io.FFN_DOWN_T)]
+    if attn:
+        kinds += [("attn_q", gguf_io.ATTN_Q_T), ("attn_output", gguf_io.ATTN_OUTPUT_T)]
+    out = []
+    for il in range(info.n_layer):
+        for kind, name_fmt in kinds:
+            src = info.tensor(f"blk.{il}.{kind}.weight")
+            ne0, ne1 = int(src.shape[0]), int(src.shape[1])
+            qtype = transpose.transposed_type(src.tensor_type, ne1, policy)
+            out.append(
+                NewTensor(name_fmt.format(il), (ne1, ne0), qtype, lambda s=src, q=qtype: transpose.transposed_copy(s, q))
+            )
+    return out
+
+
+def convert(args: argparse.Namespace) -> Path:
+    try:
+        levels = thresholds.parse_levels(args.sparsity)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    default_level = choose_default_level(levels, args.default_level)
+    if args.calib_tokens < 1 or args.window < 2 or args.threads < 1:
+        raise UsageError("--calib-tokens, --window and --threads must be positive")
+    model: Path = args.model
+    reader = gguf_io.open_gguf(model)
+    info = gguf_io.describe_model(reader, model)
+    if info.has_sparsity and not args.force:
+        raise UsageError(f"{model} already carries actsparse thresholds; pass --force to re-calibrate it")
+    out: Path = args.output or default_output(model)
+    check_output(model, out)
+    calib = load_calibration_text(args.calib_file)
+    attn = not args.no_attn
+
+    t0 = time.perf_counter()
+    stats = calibration.collect(
+        model, calib.text, tokens=args.calib_tokens, window=args.window, threads=args.threads,
+        chess=args.method == "chess", progress=not args.quiet,
+    )  # fmt: skip
+    t_calib = time.perf_counter() - t0
+    if stats.activation != info.activation:
+        raise RuntimeError(f"collector used {stats.activation}, the architecture needs {info.activation}")
+
+    new = threshold_tensors(info, stats, levels, args.method, attn)
+    new += transposed_tensors(info, attn, args.transposed_type)
+    kv: dict[str, tuple[object, GGUFValueType]] = {
+        "actsparse.format_version": (gguf_io.FORMAT_VERSION, GGUFValueType.UINT32),
+        "actsparse.method": (args.method, GGUFValueType.STRING),
+        "actsparse.levels": (levels, GGUFValueType.ARRAY),
+        "actsparse.default_level": (default_level, GGUFValueType.FLOAT32),
+        "actsparse.attn": (attn, GGUFValueType.BOOL),
+        "actsparse.activation": (info.activation, GGUFValueType.STRING),
+        "actsparse.up_statistic": ("mean_abs", GGUFValueType.STRING),
+        "actsparse.transposed_type": (args.transposed_type, GGUFValueType.STRING),
+        "actsparse.calibration.source": (calib.name, GGUFValueType.STRING),
+        "actsparse.calibration.sha256": (calib.sha256, GGUFValueType.STRING),
+        "actsparse.calibration.tokens": (stats.tokens, GGUFValueType.UINT64),
+        "actsparse.calibration.window": (stats.window, GGUFValueType.UINT32),
+        "actsparse.tool": (f"actsparse {__version__}", GGUFValueType.STRING),
+    }
+    total = sum(t.n_bytes for t in reader.tensors) + sum(t.nbytes for t in new)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=args.quiet) as bar:
+        gguf_io.write_model(
+            reader, info.arch, out, kv, new,
+            drop=lambda name: name.startswith(gguf_io.KEY_PREFIX) or gguf_io.is_sparsity_tensor(name),
+            progress=bar.update,
+        )  # fmt: skip
+    t_total = time.perf_counter() - t0
+    if not args.quiet:
+        print(
+            f"calibration: {stats.tokens} tokens in {t_calib:.1f} s ({stats.tokens * (2 if args.method == 'chess' else 1) / t_calib:.0f} tok/s over all passes); "
+            f"total {t_total:.1f} s",
+            file=sys.stderr,
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="convert_with_thresholds.py",
+        description="Calibrate CHESS/CATS activation-sparsity thresholds on a GGUF model and write a "
+        "new GGUF that carries them (docs/gguf-format.md).",
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = convert(args)
+    except (UsageError, GGUFError, calibration.CalibrationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

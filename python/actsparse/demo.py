@@ -1,0 +1,78 @@
+"""`make demo`: the main job on the default model, from a fresh machine.
+
+Fetches the default model, converts it with a small calibration, and generates text from one
+prompt with the built llama-completion, printing the text and the decode speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import engine
+
+PROMPT = "The three most important ideas in the history of science are"
+EVAL_RE = re.compile(r"^\s*(?:llama_perf_context_print:\s*)?eval time =.*?([\d.]+) tokens per second", re.M)
+
+
+@dataclass
+class Generation:
+    text: str
+    decode_tps: float
+
+
+def generate(model: Path, prompt: str, n_predict: int, threads: int, extra: list[str] | None = None) -> Generation:
+    cmd = [
+        str(engine.binary("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict),
+        "-t", str(threads), "--temp", "0", "-no-cnv", "--no-warmup", "--seed", "1", *(extra or []),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"llama-completion failed: {last[0]}")
+    m = EVAL_RE.search(proc.stderr)
+    return Generation(text=proc.stdout.strip(), decode_tps=float(m.group(1)) if m else float("nan"))
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="fetch the default model, convert it and generate text")
+    p.add_argument("--model", default=None, help="model name from `actsparse models list` (default: the default model)")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens for the demo (default 8192)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import convert, models
+
+    name = args.model or models.DEFAULT_MODEL
+    print(f"== fetching {name}", flush=True)
+    model = models.fetch_model(name)
+    print(model)
+
+    sparse_path = convert.default_output(model)
+    print(f"== converting with {args.calib_tokens} calibration tokens -> {sparse_path}", flush=True)
+    conv_args = argparse.Namespace(
+        model=model, output=sparse_path, sparsity=convert.DEFAULT_LEVELS, default_level=None, method="chess",
+        no_attn=False, calib_file=None, calib_tokens=args.calib_tokens, window=convert.DEFAULT_WINDOW,
+        transposed_type=convert.DEFAULT_TRANSPOSED_TYPE, threads=args.threads, force=True, quiet=False,
+    )  # fmt: skip
+    rc = convert.run(conv_args)
+    if rc != 0:
+        return rc
+
+    print(f"== generating {args.n_predict} tokens (dense) with llama-completion", flush=True)
+    dense = generate(sparse_path, args.prompt, args.n_predict, args.threads)
+    print(dense.text)
+    print(f"\ndecode speed (dense): {dense.decode_tps:.1f} tokens/s on {args.threads} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(argparse.ArgumentParser().parse_args([])))

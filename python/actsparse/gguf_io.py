@@ -1,0 +1,238 @@
+"""GGUF I/O: validated reading of models, sparsity metadata, and streaming atomic writes.
+
+Every problem with an input file is raised as GGUFError with a one-line message; callers turn
+it into `error: ...` and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.gguf_reader import ReaderTensor
+
+GGUF_MAGIC = b"GGUF"
+KEY_PREFIX = "actsparse."
+FORMAT_VERSION = 1
+
+# Architectures whose graphs go through llm_graph_context::build_ffn with a parallel gate.
+SUPPORTED_ARCHS = {
+    "llama": "silu",
+    "mistral": "silu",
+    "qwen2": "silu",
+    "qwen3": "silu",
+    "granite": "silu",
+    "olmo2": "silu",
+    "phi3": "silu",
+    "gemma": "gelu",
+    "gemma2": "gelu",
+    "gemma3": "gelu",
+}
+
+FFN_THRESH = "blk.{}.ffn_act_thresh"
+Q_IN_THRESH = "blk.{}.attn_q_in_thresh"
+O_IN_THRESH = "blk.{}.attn_o_in_thresh"
+FFN_DOWN_T = "blk.{}.ffn_down_t.weight"
+ATTN_Q_T = "blk.{}.attn_q_t.weight"
+ATTN_OUTPUT_T = "blk.{}.attn_output_t.weight"
+SPARSITY_TENSOR_SUFFIXES = (
+    ".ffn_act_thresh",
+    ".attn_q_in_thresh",
+    ".attn_o_in_thresh",
+    ".ffn_down_t.weight",
+    ".attn_q_t.weight",
+    ".attn_output_t.weight",
+)
+
+
+class GGUFError(ValueError):
+    """An input GGUF that cannot be used; the message is one line for the user."""
+
+
+def is_sparsity_tensor(name: str) -> bool:
+    return name.startswith("blk.") and name.endswith(SPARSITY_TENSOR_SUFFIXES)
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
+    """Open a GGUF read-only, refusing files that are not GGUF or are truncated."""
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFError(f"{p}: no such file")
+    with open(p, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise GGUFError(f"{p}: not a GGUF file (bad magic)")
+    try:
+        reader = GGUFReader(p, "r")
+    except Exception as e:  # gguf-py raises assorted errors on damaged headers
+        raise GGUFError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    size = p.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise GGUFError(f"{p}: truncated GGUF (tensor {t.name} extends past the end of the file)")
+    return reader
+
+
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    arch: str
+    activation: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    tensors: dict[str, ReaderTensor]
+    has_sparsity: bool
+    reader: GGUFReader = field(repr=False)
+
+    def tensor(self, name: str) -> ReaderTensor:
+        return self.tensors[name]
+
+
+def describe_model(reader: GGUFReader, path: str | os.PathLike[str]) -> ModelInfo:
+    """Check that the model has a gated FFN this project supports and collect its dimensions."""
+    arch = field_value(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{path}: no general.architecture key")
+    tensors = {t.name: t for t in reader.tensors}
+    if "blk.0.ffn_gate_exps.weight" in tensors or "blk.0.ffn_gate_inp.weight" in tensors:
+        raise GGUFError(f"unsupported architecture '{arch}': mixture-of-experts FFNs are not supported")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(
+            f"unsupported architecture '{arch}': supported are {', '.join(sorted(SUPPORTED_ARCHS))}"
+        )
+    n_layer = field_value(reader, f"{arch}.block_count")
+    n_embd = field_value(reader, f"{arch}.embedding_length")
+    if not isinstance(n_layer, int) or not isinstance(n_embd, int):
+        raise GGUFError(f"{path}: missing {arch}.block_count or {arch}.embedding_length")
+    for il in range(n_layer):
+        for kind in ("ffn_gate", "ffn_up", "ffn_down", "attn_q", "attn_output"):
+            if f"blk.{il}.{kind}.weight" not in tensors:
+                raise GGUFError(
+                    f"unsupported architecture '{arch}': layer {il} has no separate {kind}.weight "
+                    "(fused or ungated FFN/attention)"
+                )
+    n_ff = int(tensors["blk.0.ffn_gate.weight"].shape[1])
+    has_sparsity = reader.get_field(KEY_PREFIX + "format_version") is not None or any(
+        is_sparsity_tensor(n) for n in tensors
+    )
+    return ModelInfo(
+        path=Path(path),
+        arch=arch,
+        activation=SUPPORTED_ARCHS[arch],
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        tensors=tensors,
+        has_sparsity=has_sparsity,
+        reader=reader,
+    )
+
+
+def row_nbytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block:
+        raise ValueError(f"row of {n_per_row} is not a multiple of {qtype.name}'s block of {block}")
+    return n_per_row // block * type_size
+
+
+@dataclass
+class NewTensor:
+    """A tensor to add, produced only when it is written (so conversion streams)."""
+
+    name: str
+    ggml_shape: tuple[int, ...]  # ne0 first
+    qtype: GGMLQuantizationType
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        rows = int(np.prod(self.ggml_shape[1:])) if len(self.ggml_shape) > 1 else 1
+        return rows * row_nbytes(self.qtype, self.ggml_shape[0])
+
+
+def _copy_kv(reader: GGUFReader, writer: GGUFWriter, skip: Callable[[str], bool]) -> None:
+    for f in reader.fields.values():
+        name = f.name
+        if name.startswith("GGUF.") or name == "general.architecture" or skip(name):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        value = f.contents()
+        if name == "general.alignment":
+            writer.data_alignment = int(value)
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+
+
+@contextmanager
+def atomic_output(out_path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside out_path; rename it into place only on success."""
+    out_path = Path(out_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_model(
+    reader: GGUFReader,
+    arch: str,
+    out_path: Path,
+    new_kv: dict[str, tuple[Any, GGUFValueType]],
+    new_tensors: Iterable[NewTensor],
+    drop: Callable[[str], bool] = lambda name: False,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write reader's model plus new keys and tensors to out_path (atomically, streaming)."""
+    new_tensors = list(new_tensors)
+    with atomic_output(out_path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        _copy_kv(reader, writer, skip=lambda k: drop(k) or k in new_kv)
+        for key, (value, vtype) in new_kv.items():
+            sub = None
+            if vtype == GGUFValueType.ARRAY:
+                sub = GGUFValueType.FLOAT32
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        kept = [t for t in reader.tensors if not drop(t.name)]
+        for t in kept:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
+        for nt in new_tensors:
+            byte_shape = (*reversed(nt.ggml_shape[1:]), nt.nbytes // max(1, _rows(nt.ggml_shape)))
+            writer.add_tensor_info(nt.name, byte_shape, np.dtype(np.uint8), nt.nbytes, raw_dtype=nt.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in kept:
+            writer.write_tensor_data(t.data)
+            if progress:
+                progress(t.n_bytes)
+        for nt in new_tensors:
+            data = np.ascontiguousarray(nt.make())
+            if data.nbytes != nt.nbytes:
+                raise RuntimeError(f"{nt.name}: produced {data.nbytes} bytes, expected {nt.nbytes}")
+            writer.write_tensor_data(data.view(np.uint8).reshape(-1))
+            if progress:
+                progress(nt.nbytes)
+        writer.close()
+
+
+def _rows(ggml_shape: tuple[int, ...]) -> int:
+    return int(np.prod(ggml_shape[1:])) if len(ggml_shape) > 1 else 1
