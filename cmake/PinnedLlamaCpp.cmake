@@ -48,7 +48,11 @@ function(actsparse_apply_patches src_dir)
     foreach(_patch IN LISTS ACTSPARSE_PATCHES)
         get_filename_component(_name "${_patch}" NAME)
         if(_git)
-            set(_cmd "${_git}" apply --whitespace=nowarn "${_patch}")
+            # The ceiling stops git from finding an enclosing repository (this project's own):
+            # inside one, `git apply` would silently skip paths outside the current directory.
+            get_filename_component(_parent "${src_dir}" DIRECTORY)
+            set(_cmd "${CMAKE_COMMAND}" -E env "GIT_CEILING_DIRECTORIES=${_parent}"
+                "${_git}" apply --whitespace=nowarn "${_patch}")
         else()
             set(_cmd patch -p1 --forward --batch -i "${_patch}")
         endif()

@@ -22,7 +22,8 @@ FLT_MAX = float(np.finfo(np.float32).max)
 def bin_edges() -> np.ndarray:
     """Lower edge of every bin and the upper edge of the last: float64, length N_BINS + 1."""
     lo_bits = (np.arange(N_BINS + 1, dtype=np.uint64) << np.uint64(16)).astype(np.uint32)
-    edges = lo_bits.view(np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        edges = lo_bits.view(np.float32).astype(np.float64)
     edges[~np.isfinite(edges)] = FLT_MAX  # bins past the largest finite float hold inf/NaN
     return edges
 
