@@ -29,4 +29,6 @@ def run_converter(*args: object, check: bool = False) -> subprocess.CompletedPro
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "actsparse.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "actsparse.cli", *map(str, args)], capture_output=True, text=True
+    )

@@ -54,7 +54,8 @@ def test_a_patch_that_does_not_apply_stops_the_build_naming_it(tmp_path: Path) -
     patches.mkdir()
     bad = patches / "0001-broken-hook.patch"
     bad.write_text(
-        "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1,3 +1,3 @@\n-this line is not there\n+nor this\n context\n"
+        "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1,3 +1,3 @@\n"
+        "-this line is not there\n+nor this\n context\n"
     )
     src = engine.build_dir() / "llama.cpp-src"
     proc = subprocess.run(

@@ -182,8 +182,8 @@ def _bad_cases(tmp: Path, model: Path, converted_out: Path) -> dict[str, tuple[l
 
 @pytest.mark.parametrize(
     "case",
-    ["not a gguf", "truncated", "unsupported arch", "short calibration", "output is input", "unwritable dir", "missing dir",
-     "level > 1", "level 0", "already sparse"],
+    ["not a gguf", "truncated", "unsupported arch", "short calibration", "output is input",
+     "unwritable dir", "missing dir", "level > 1", "level 0", "already sparse"],
 )  # fmt: skip
 def test_bad_input(case: str, converted: dict, tmp_path: Path) -> None:
     work = tmp_path / "in"

@@ -83,5 +83,9 @@ def test_engine_thresholds_equal_their_definition(small_model_path, tmp_path) ->
             np.testing.assert_allclose(chess[k], tau / m, rtol=BIN_REL_WIDTH)
             assert abs(np.mean(np.abs(a) <= chess[k]) - s) < 0.01
             assert cats[k, 0] == pytest.approx(np.quantile(np.abs(a), s), rel=BIN_REL_WIDTH)
-            assert q_in[k, 0] == pytest.approx(np.quantile(np.abs(ls.dumps["attn_q_in"]), s), rel=BIN_REL_WIDTH)
-            assert o_in[k, 0] == pytest.approx(np.quantile(np.abs(ls.dumps["attn_o_in"]), s), rel=BIN_REL_WIDTH)
+            assert q_in[k, 0] == pytest.approx(
+                np.quantile(np.abs(ls.dumps["attn_q_in"]), s), rel=BIN_REL_WIDTH
+            )
+            assert o_in[k, 0] == pytest.approx(
+                np.quantile(np.abs(ls.dumps["attn_o_in"]), s), rel=BIN_REL_WIDTH
+            )

@@ -44,29 +44,37 @@ class CalibText:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="input GGUF (any supported gated-FFN model)")
-    p.add_argument("-o", "--output", type=Path, help="output GGUF (default: MODEL.sparse.gguf beside the input)")
+    p.add_argument(
+        "-o", "--output", type=Path, help="output GGUF (default: MODEL.sparse.gguf beside the input)"
+    )
     p.add_argument(
         "--sparsity", default=DEFAULT_LEVELS,
         help=f"comma-separated target sparsity levels in (0,1) (default {DEFAULT_LEVELS})",
     )  # fmt: skip
     p.add_argument(
         "--default-level", type=float, default=None,
-        help=f"level --sparse uses without a value (default {DEFAULT_LEVEL} if requested, else the middle one)",
+        help=f"level --sparse uses without a value (default {DEFAULT_LEVEL} if listed, else the middle one)",
     )  # fmt: skip
-    p.add_argument("--method", choices=("chess", "cats"), default="chess", help="threshold method (default chess)")
+    p.add_argument(
+        "--method", choices=("chess", "cats"), default="chess", help="threshold method (default chess)"
+    )
     p.add_argument("--no-attn", action="store_true", help="no selective attention thresholds (FFN only)")
     p.add_argument("--calib-file", type=Path, help="calibration text file (default: the project's corpus)")
     p.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_TOKENS,
         help=f"calibration tokens (default {DEFAULT_TOKENS})",
     )  # fmt: skip
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    p.add_argument(
+        "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})"
+    )
     p.add_argument(
         "--transposed-type", choices=transpose.TRANSPOSED_TYPE_CHOICES, default=DEFAULT_TRANSPOSED_TYPE,
-        help="type of the transposed copies of a quantized model (default %(default)s; see docs/gguf-format.md)",
+        help="type of the transposed copies of a quantized model (default %(default)s; docs/gguf-format.md)",
     )  # fmt: skip
     p.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
-    p.add_argument("--force", action="store_true", help="re-calibrate an input that already carries thresholds")
+    p.add_argument(
+        "--force", action="store_true", help="re-calibrate an input that already carries thresholds"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -123,8 +131,12 @@ def threshold_tensors(
         if attn:
             if ls.q_in_hist is None or ls.o_in_hist is None:
                 raise RuntimeError(f"layer {il}: attention statistics missing (attn_norm/kqv_out not seen)")
-            out.append(_const(gguf_io.Q_IN_THRESH.format(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32))
-            out.append(_const(gguf_io.O_IN_THRESH.format(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32))
+            out.append(
+                _const(gguf_io.Q_IN_THRESH.format(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32)
+            )
+            out.append(
+                _const(gguf_io.O_IN_THRESH.format(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32)
+            )
     return out
 
 
@@ -146,7 +158,12 @@ def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTens
             ne0, ne1 = int(src.shape[0]), int(src.shape[1])
             qtype = transpose.transposed_type(src.tensor_type, ne1, policy)
             out.append(
-                NewTensor(name_fmt.format(il), (ne1, ne0), qtype, lambda s=src, q=qtype: transpose.transposed_copy(s, q))
+                NewTensor(
+                    name_fmt.format(il),
+                    (ne1, ne0),
+                    qtype,
+                    lambda s=src, q=qtype: transpose.transposed_copy(s, q),
+                )
             )
     return out
 
@@ -203,10 +220,11 @@ def convert(args: argparse.Namespace) -> Path:
             progress=bar.update,
         )  # fmt: skip
     t_total = time.perf_counter() - t0
+    n_pass = 2 if args.method == "chess" else 1
     if not args.quiet:
         print(
-            f"calibration: {stats.tokens} tokens in {t_calib:.1f} s ({stats.tokens * (2 if args.method == 'chess' else 1) / t_calib:.0f} tok/s over all passes); "
-            f"total {t_total:.1f} s",
+            f"calibration: {stats.tokens} tokens x {n_pass} passes in {t_calib:.1f} s "
+            f"({stats.tokens * n_pass / t_calib:.0f} tok/s); total {t_total:.1f} s",
             file=sys.stderr,
         )
     return out

@@ -25,7 +25,9 @@ class Generation:
     decode_tps: float
 
 
-def generate(model: Path, prompt: str, n_predict: int, threads: int, extra: list[str] | None = None) -> Generation:
+def generate(
+    model: Path, prompt: str, n_predict: int, threads: int, extra: list[str] | None = None
+) -> Generation:
     cmd = [
         str(engine.binary("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict),
         "-t", str(threads), "--temp", "0", "-no-cnv", "--no-warmup", "--seed", "1", *(extra or []),
@@ -40,11 +42,15 @@ def generate(model: Path, prompt: str, n_predict: int, threads: int, extra: list
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="fetch the default model, convert it and generate text")
-    p.add_argument("--model", default=None, help="model name from `actsparse models list` (default: the default model)")
+    p.add_argument(
+        "--model", default=None, help="model name from `actsparse models list` (default: the default model)"
+    )
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("-n", "--n-predict", type=int, default=64)
     p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens for the demo (default 8192)")
+    p.add_argument(
+        "--calib-tokens", type=int, default=8192, help="calibration tokens for the demo (default 8192)"
+    )
     p.set_defaults(func=run)
 
 

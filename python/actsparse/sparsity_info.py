@@ -40,7 +40,9 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
     reader = gguf_io.open_gguf(path)
     version = field_value(reader, "actsparse.format_version")
     if version is None:
-        raise GGUFError(f"{path} carries no actsparse thresholds; create them with convert_with_thresholds.py")
+        raise GGUFError(
+            f"{path} carries no actsparse thresholds; create them with convert_with_thresholds.py"
+        )
     tensors = {t.name: t for t in reader.tensors}
     arch = str(field_value(reader, "general.architecture"))
     n_layer = int(field_value(reader, f"{arch}.block_count", 0))
@@ -100,7 +102,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"levels:      {', '.join(f'{v:g}' for v in info.levels)} (default {info.default_level:g})")
     print(f"transposed:  {info.transposed_type}")
     c = info.calibration
-    print(f"calibration: {c['tokens']} tokens of '{c['source']}' (window {c['window']}, sha256 {c['sha256'][:16]}...)")
+    print(
+        f"calibration: {c['tokens']} tokens of '{c['source']}' "
+        f"(window {c['window']}, sha256 {c['sha256'][:16]}...)"
+    )
     n_attn = sum(1 for li in info.layers if li.attn_q and li.attn_o)
     print(f"layers with thresholds: {len(info.layers)} FFN, {n_attn} attention")
     header = "layer  channels  attn  " + "  ".join(f"t~@{v:g}".rjust(9) for v in info.levels)

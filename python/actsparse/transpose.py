@@ -62,9 +62,7 @@ def quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return out
 
 
-def transposed_type(
-    src: GGMLQuantizationType, n_per_row: int, policy: str
-) -> GGMLQuantizationType:
+def transposed_type(src: GGMLQuantizationType, n_per_row: int, policy: str) -> GGMLQuantizationType:
     """The type of the transposed copy of a `src` weight whose new rows have n_per_row elements."""
     if src in FLOAT_TYPES:
         return src  # float inputs keep their type: llama-quantize quantizes the copy later
@@ -77,7 +75,9 @@ def transposed_type(
         if _ggml().ggml_quantize_requires_imatrix(int(src)):
             want = Q.Q8_0  # no importance matrix at hand: keep precision instead
     else:
-        raise ValueError(f"unknown --transposed-type '{policy}' (choose from {', '.join(TRANSPOSED_TYPE_CHOICES)})")
+        raise ValueError(
+            f"unknown --transposed-type '{policy}' (choose from {', '.join(TRANSPOSED_TYPE_CHOICES)})"
+        )
     if n_per_row % GGML_QUANT_SIZES[want][0]:
         want = K_FALLBACK.get(want, Q.Q8_0)
     if n_per_row % GGML_QUANT_SIZES[want][0]:
