@@ -20,7 +20,8 @@ TOOLS = ["llama-cli", "llama-completion", "llama-server", "llama-bench", "llama-
 def test_tool_is_built_and_answers_help(tool: str) -> None:
     path = engine.binary(tool)
     proc = subprocess.run([str(path), "--help"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-1000:]
+    # llama-quantize prints its usage and exits 1 on --help (upstream behaviour)
+    assert proc.returncode == (1 if tool == "llama-quantize" else 0), proc.stderr[-1000:]
     assert "usage" in (proc.stdout + proc.stderr).lower()
 
 

@@ -385,6 +385,7 @@ int main(int argc, char ** argv) {
     const int n_pass = o.chess ? 2 : 1;
     int64_t total_tokens = (int64_t) n_windows * o.window;
     std::vector<llama_token> win(o.window);
+    llama_batch batch = llama_batch_init(o.window, 0, 1);
     for (int pass = 1; pass <= n_pass; ++pass) {
         c.pass = pass;
         if (pass == 2) {
@@ -398,8 +399,18 @@ int main(int argc, char ** argv) {
             int k = 0;
             if (add_bos) win[k++] = llama_vocab_bos(vocab);
             std::memcpy(win.data() + k, tokens.data() + (size_t) w * per_window, per_window * sizeof(llama_token));
+            // every position requests its logits: otherwise llama.cpp computes the last layer's FFN
+            // for the final token only, and that layer's statistics would miss the others
+            batch.n_tokens = o.window;
+            for (int i = 0; i < o.window; ++i) {
+                batch.token[i] = win[i];
+                batch.pos[i] = i;
+                batch.n_seq_id[i] = 1;
+                batch.seq_id[i][0] = 0;
+                batch.logits[i] = 1;
+            }
             llama_memory_clear(llama_get_memory(ctx), true);
-            if (llama_decode(ctx, llama_batch_get_one(win.data(), o.window)) != 0) die("llama_decode failed");
+            if (llama_decode(ctx, batch) != 0) die("llama_decode failed");
             if (!c.error.empty()) die(c.error);
             std::fprintf(stderr, "progress %d %lld %lld\n", pass, (long long) (w + 1) * o.window,
                          (long long) total_tokens);
@@ -413,6 +424,7 @@ int main(int argc, char ** argv) {
     }
     write_stats(c, o, total_tokens, n_windows, o.out_file);
 
+    llama_batch_free(batch);
     llama_free(ctx);
     llama_model_free(model);
     llama_backend_free();

@@ -16,7 +16,8 @@ from pathlib import Path
 from . import engine
 
 PROMPT = "The three most important ideas in the history of science are"
-EVAL_RE = re.compile(r"^\s*(?:llama_perf_context_print:\s*)?eval time =.*?([\d.]+) tokens per second", re.M)
+# "... common_perf_print:        eval time = 57.98 ms / 8 runs (7.25 ms per token, 137.98 tokens per second)"
+EVAL_RE = re.compile(r"(?<!prompt )eval time =[^\n]*?([\d.]+) tokens per second")
 
 
 @dataclass
