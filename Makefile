@@ -11,6 +11,9 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
                  actsparse-calibrate
 WORKTREE := work/llama.cpp
+# ccache: hash paths relative to the checkout, so a fresh clone elsewhere reuses the cache
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
 
 .PHONY: all build venv demo test lint format llama-src patches clean help
 all: build venv

