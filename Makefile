@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 # Targets of the pinned llama.cpp plus our own tools.
 LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
-                 actsparse-calibrate
+                 actsparse-calibrate actsparse-test-kernels actsparse-test-kernels-asan
 WORKTREE := work/llama.cpp
 # ccache: hash paths relative to the checkout, so a fresh clone elsewhere reuses the cache
 export CCACHE_BASEDIR := $(CURDIR)

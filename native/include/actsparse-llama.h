@@ -1,8 +1,28 @@
 // Hooks that the patched llama.cpp (patches/) calls into. Keep the patches to calls of these.
 #pragma once
 
+#include <cstdint>
 #include <string>
+
+struct ggml_context;
+struct ggml_tensor;
+struct gguf_context;
+struct llama_context;
+struct llama_model;
+struct actsparse_context;
 
 // For a transposed copy ("blk.N.ffn_down_t.weight", "blk.N.attn_q_t.weight",
 // "blk.N.attn_output_t.weight") the name of the weight it was transposed from; "" otherwise.
 std::string actsparse_transposed_source(const std::string & name);
+
+// Model load: validates the sparsity tensors and keys (throws std::runtime_error naming the
+// tensor when they are malformed) and registers the model's sparse layers.
+void actsparse_model_loaded(const llama_model & model, const gguf_context * meta);
+void actsparse_model_freed(const llama_model * model);
+void actsparse_context_freed(const llama_context * ctx);
+
+// Graph building. Each returns nullptr when the layer has no thresholds or the context is dense,
+// and the caller then builds the dense graph as before.
+ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_tensor * up, ggml_tensor * gate,
+                                  ggml_tensor * down, bool plain_gated, actsparse_context * state);
+ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, actsparse_context * state);

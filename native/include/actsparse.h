@@ -1,0 +1,35 @@
+// actsparse public C API, exported from libllama (declared here, not in llama.h, so the
+// llama-cpp-python binding's mirrored structs stay untouched).
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ACTSPARSE_API __attribute__((visibility("default")))
+
+struct llama_model;
+struct llama_context;
+
+// Sparsity levels the model file carries (0 when it has no thresholds).
+ACTSPARSE_API int   actsparse_model_n_levels(const struct llama_model * model);
+ACTSPARSE_API float actsparse_model_level(const struct llama_model * model, int i);
+ACTSPARSE_API float actsparse_model_default_level(const struct llama_model * model);
+
+// Select the sparsity level of a context: 0 = dense, < 0 = the file's default level, otherwise
+// one of the file's levels. Returns 0, or -1 with a one-line message in err.
+ACTSPARSE_API int actsparse_set_sparse(struct llama_context * ctx, float level, char * err, size_t err_size);
+
+// Realized sparsity during decode (single-token batches) since the level was set: JSON with
+// per-layer and overall fractions of FFN channels and attention inputs skipped.
+ACTSPARSE_API int  actsparse_stats_json(struct llama_context * ctx, char * buf, size_t size);
+ACTSPARSE_API void actsparse_print_stats(struct llama_context * ctx);
+// Print the statistics to stderr when the context is freed (--sparse-stats).
+ACTSPARSE_API void actsparse_print_stats_at_exit(struct llama_context * ctx, bool on);
+
+#ifdef __cplusplus
+}
+#endif

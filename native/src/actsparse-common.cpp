@@ -1,0 +1,58 @@
+// --sparse [LEVEL] and --sparse-stats for every tool built on llama.cpp's common library.
+#include "actsparse-common.h"
+
+#include "actsparse.h"
+#include "arg.h"
+#include "common.h"
+#include "log.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
+    add_opt(common_arg({ "--sparse" }, "[LEVEL]",
+                       "activation sparsity (actsparse): run a model converted by convert_with_thresholds.py "
+                       "with the thresholds of LEVEL (default: the file's default level); 0 = dense",
+                       [](common_params & params, const std::string & value) {
+                           // normally handled by actsparse_parse_sparse_arg (the value is optional)
+                           params.sparse = true;
+                           params.sparse_level = std::stof(value);
+                       }));
+    add_opt(common_arg({ "--sparse-stats" },
+                       "print the realized sparsity during decode (per layer and overall) at exit",
+                       [](common_params & params) { params.sparse_stats = true; }));
+}
+
+int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & params) {
+    params.sparse = true;
+    params.sparse_level = -1.0f;
+    if (i + 1 >= argc) {
+        return 0;
+    }
+    const char * next = argv[i + 1];
+    char * end = nullptr;
+    const float v = std::strtof(next, &end);
+    if (end == next || *end != '\0') {
+        return 0;  // not a number: the next argument is another option or a positional one
+    }
+    if (!std::isfinite(v) || v < 0.0f || v >= 1.0f) {
+        throw std::invalid_argument(std::string("error: --sparse level must be in [0, 1), got ") + next);
+    }
+    params.sparse_level = v;
+    return 1;
+}
+
+bool actsparse_common_init(llama_context * ctx, const common_params & params) {
+    if (!params.sparse) {
+        return true;
+    }
+    char err[512];
+    if (actsparse_set_sparse(ctx, params.sparse_level, err, sizeof err) != 0) {
+        LOG_ERR("error: --sparse: %s\n", err);
+        return false;
+    }
+    actsparse_print_stats_at_exit(ctx, params.sparse_stats);
+    return true;
+}

@@ -1,0 +1,252 @@
+// actsparse CPU kernels (see actsparse-kernels.h).
+#include "actsparse-kernels.h"
+
+#include "ggml-cpu.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#define QK8_0 32
+typedef struct {
+    uint16_t d;  // ggml_half
+    int8_t   qs[QK8_0];
+} block_q8_0_t;
+_Static_assert(sizeof(block_q8_0_t) == 34, "block_q8_0 layout");
+
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    __fp16 t;
+    memcpy(&t, &h, sizeof t);
+    return (float) t;
+#else
+    return ggml_fp16_to_fp32(h);
+#endif
+}
+
+float actsparse_apply_act(enum actsparse_act act, float x) {
+    switch (act) {
+        case ACTSPARSE_ACT_SILU: return x / (1.0f + expf(-x));
+        case ACTSPARSE_ACT_GELU: {
+            const float c = 0.7978845608028654f;  // sqrt(2/pi)
+            return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
+        }
+        default: return x;
+    }
+}
+
+int64_t actsparse_act_mask(const float * x, float * y, const float * t, bool scalar_t, enum actsparse_act act,
+                           int64_t i0, int64_t i1) {
+    int64_t zeros = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+        const float a = actsparse_apply_act(act, x[i]);
+        const float ti = scalar_t ? t[0] : t[i];
+        const bool keep = fabsf(a) > ti;
+        y[i] = keep ? a : 0.0f;
+        zeros += !keep;
+    }
+    return zeros;
+}
+
+int64_t actsparse_select(const float * x, const float * t, bool scalar_t, enum actsparse_act act, int64_t n,
+                         int32_t * idx, float * val) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float a = actsparse_apply_act(act, x[i]);
+        if (fabsf(a) > (scalar_t ? t[0] : t[i])) {
+            idx[k] = (int32_t) i;
+            val[k] = a;
+            ++k;
+        }
+    }
+    return k;
+}
+
+void actsparse_rows_dot(enum ggml_type type, const void * w, size_t row_bytes, int64_t n_per_row,
+                        const int32_t * idx, const float * val, const void * x_vd, float * out,
+                        int64_t k0, int64_t k1) {
+    const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu(type);
+    for (int64_t k = k0; k < k1; ++k) {
+        float s = 0.0f;
+        tt->vec_dot((int) n_per_row, &s, 0, (const char *) w + (size_t) idx[k] * row_bytes, 0, x_vd, 0, 1);
+        out[k] = val[k] * s;
+    }
+}
+
+// ---- input-sparse accumulate over a transposed weight -----------------------------------------
+
+static void axpy_f32_ref(const float * w, float v, float * y, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) y[c] += v * w[c];
+}
+
+static void axpy_q8_0_ref(const block_q8_0_t * b, float v, float * y, int64_t n) {
+    for (int64_t j = 0; j < n / QK8_0; ++j) {
+        const float s = v * fp16_to_fp32(b[j].d);
+        for (int l = 0; l < QK8_0; ++l) y[j * QK8_0 + l] += s * (float) b[j].qs[l];
+    }
+}
+
+static void axpy_q8_0(const block_q8_0_t * b, float v, float * y, int64_t n) {
+#if defined(__AVX512F__)
+    for (int64_t j = 0; j < n / QK8_0; ++j) {
+        const __m512 s = _mm512_set1_ps(v * fp16_to_fp32(b[j].d));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *) b[j].qs);
+        const __m128i q1 = _mm_loadu_si128((const __m128i *) (b[j].qs + 16));
+        float * yj = y + j * QK8_0;
+        _mm512_storeu_ps(yj, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_loadu_ps(yj)));
+        _mm512_storeu_ps(yj + 16,
+                         _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), _mm512_loadu_ps(yj + 16)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (int64_t j = 0; j < n / QK8_0; ++j) {
+        const __m256 s = _mm256_set1_ps(v * fp16_to_fp32(b[j].d));
+        float * yj = y + j * QK8_0;
+        for (int l = 0; l < QK8_0; l += 8) {
+            const __m128i q = _mm_loadl_epi64((const __m128i *) (b[j].qs + l));
+            const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            _mm256_storeu_ps(yj + l, _mm256_fmadd_ps(s, qf, _mm256_loadu_ps(yj + l)));
+        }
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (int64_t j = 0; j < n / QK8_0; ++j) {
+        const float32x4_t s = vdupq_n_f32(v * fp16_to_fp32(b[j].d));
+        float * yj = y + j * QK8_0;
+        for (int l = 0; l < QK8_0; l += 8) {
+            const int16x8_t q16 = vmovl_s8(vld1_s8(b[j].qs + l));
+            const float32x4_t lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(q16)));
+            const float32x4_t hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(q16)));
+            vst1q_f32(yj + l, vfmaq_f32(vld1q_f32(yj + l), s, lo));
+            vst1q_f32(yj + l + 4, vfmaq_f32(vld1q_f32(yj + l + 4), s, hi));
+        }
+    }
+#else
+    axpy_q8_0_ref(b, v, y, n);
+#endif
+}
+
+static void axpy_f16(const ggml_fp16_t * w, float v, float * y, int64_t n) {
+    int64_t c = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    const __m256 s = _mm256_set1_ps(v);
+    for (; c + 8 <= n; c += 8) {
+        const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (w + c)));
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(s, wf, _mm256_loadu_ps(y + c)));
+    }
+#endif
+    for (; c < n; ++c) y[c] += v * fp16_to_fp32(w[c]);
+}
+
+static void axpy_bf16(const ggml_bf16_t * w, float v, float * y, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) y[c] += v * ggml_bf16_to_fp32(w[c]);
+}
+
+// Any other type: dequantize the row's column range with ggml's reference routine, then accumulate.
+static void axpy_generic(enum ggml_type type, const void * row, float v, float * y, int64_t c0, int64_t c1) {
+    const int64_t bs = ggml_blck_size(type);
+    const size_t  ts = ggml_type_size(type);
+    float tmp[1024];
+    for (int64_t c = c0; c < c1; c += 1024) {
+        const int64_t m = (c1 - c) < 1024 ? (c1 - c) : 1024;
+        ggml_get_type_traits(type)->to_float((const char *) row + (size_t) (c / bs) * ts, tmp, m);
+        axpy_f32_ref(tmp, v, y + c, m);
+    }
+}
+
+static void axpy_range(enum ggml_type type, const void * row, float v, float * y, int64_t c0, int64_t c1,
+                       bool reference) {
+    switch (type) {
+        case GGML_TYPE_F32: axpy_f32_ref((const float *) row + c0, v, y + c0, c1 - c0); break;
+        case GGML_TYPE_F16:
+            if (reference) {
+                for (int64_t c = c0; c < c1; ++c) y[c] += v * ggml_fp16_to_fp32(((const ggml_fp16_t *) row)[c]);
+            } else {
+                axpy_f16((const ggml_fp16_t *) row + c0, v, y + c0, c1 - c0);
+            }
+            break;
+        case GGML_TYPE_BF16: axpy_bf16((const ggml_bf16_t *) row + c0, v, y + c0, c1 - c0); break;
+        case GGML_TYPE_Q8_0:
+            (reference ? axpy_q8_0_ref : axpy_q8_0)((const block_q8_0_t *) row + c0 / QK8_0, v, y + c0, c1 - c0);
+            break;
+        default: axpy_generic(type, row, v, y, c0, c1); break;
+    }
+}
+
+// Q8_0 over many rows: a tile of output columns stays in registers while every active row is
+// accumulated into it, so y is read and written once per tile instead of once per row.
+static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const float * val, int64_t n,
+                           float * y, int64_t c0, int64_t c1) {
+    int64_t j = c0 / QK8_0;
+    const int64_t j1 = c1 / QK8_0;
+#if defined(__AVX512F__)
+    enum { TILE = 4 };
+    for (; j + TILE <= j1; j += TILE) {
+        __m512 acc[2 * TILE];
+        for (int t = 0; t < 2 * TILE; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < n; ++k) {
+            const block_q8_0_t * b = (const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j;
+            for (int t = 0; t < TILE; ++t) {
+                const __m512 s = _mm512_set1_ps(val[k] * fp16_to_fp32(b[t].d));
+                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b[t].qs)));
+                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b[t].qs + 16))));
+                acc[2 * t] = _mm512_fmadd_ps(s, q0, acc[2 * t]);
+                acc[2 * t + 1] = _mm512_fmadd_ps(s, q1, acc[2 * t + 1]);
+            }
+        }
+        for (int t = 0; t < 2 * TILE; ++t) _mm512_storeu_ps(y + j * QK8_0 + 16 * t, acc[t]);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    enum { TILE = 2 };
+    for (; j + TILE <= j1; j += TILE) {
+        __m256 acc[4 * TILE];
+        for (int t = 0; t < 4 * TILE; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; ++k) {
+            const block_q8_0_t * b = (const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j;
+            for (int t = 0; t < TILE; ++t) {
+                const __m256 s = _mm256_set1_ps(val[k] * fp16_to_fp32(b[t].d));
+                for (int l = 0; l < 4; ++l) {
+                    const __m128i q = _mm_loadl_epi64((const __m128i *) (b[t].qs + 8 * l));
+                    acc[4 * t + l] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc[4 * t + l]);
+                }
+            }
+        }
+        for (int t = 0; t < 4 * TILE; ++t) _mm256_storeu_ps(y + j * QK8_0 + 8 * t, acc[t]);
+    }
+#endif
+    // what is left (and everything on other targets): row by row
+    if (j < j1) {
+        memset(y + j * QK8_0, 0, (size_t) (j1 - j) * QK8_0 * sizeof(float));
+        for (int64_t k = 0; k < n; ++k) {
+            axpy_q8_0((const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j, val[k], y + j * QK8_0, (j1 - j) * QK8_0);
+        }
+    }
+}
+
+static void axpy_rows(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
+                      const float * val, int64_t n, float * y, int64_t c0, int64_t c1, bool reference) {
+    if (type == GGML_TYPE_Q8_0 && !reference) {
+        axpy_rows_q8_0((const char *) w, row_bytes, idx, val, n, y, c0, c1);
+        return;
+    }
+    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    for (int64_t k = 0; k < n; ++k) {
+        axpy_range(type, (const char *) w + (size_t) idx[k] * row_bytes, val[k], y, c0, c1, reference);
+    }
+}
+
+void actsparse_axpy_rows(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
+                         const float * val, int64_t n, float * y, int64_t c0, int64_t c1) {
+    axpy_rows(type, w, row_bytes, idx, val, n, y, c0, c1, false);
+}
+
+void actsparse_axpy_rows_ref(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
+                             const float * val, int64_t n, float * y, int64_t c0, int64_t c1) {
+    axpy_rows(type, w, row_bytes, idx, val, n, y, c0, c1, true);
+}

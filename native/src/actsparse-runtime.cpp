@@ -1,0 +1,521 @@
+// actsparse runtime inside libllama: validates and registers a model's sparsity tensors, holds
+// each context's level and statistics, and builds the sparse FFN / attention-input graphs.
+#include "actsparse.h"
+#include "actsparse-kernels.h"
+#include "actsparse-llama.h"
+
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+#include "gguf.h"
+#include "llama-context.h"
+#include "llama-model.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum op_kind { KIND_FFN = 0, KIND_Q = 1, KIND_O = 2, N_KINDS = 3 };
+const char * const KIND_NAMES[N_KINDS] = { "ffn", "attn_q_in", "attn_o_in" };
+
+struct sparse_layer {
+    int il = -1;
+    ggml_tensor * thresh[N_KINDS] = {};   // ffn_act_thresh, attn_q_in_thresh, attn_o_in_thresh
+    ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
+    ggml_tensor * up = nullptr;
+};
+
+struct sparse_model {
+    std::vector<float> levels;
+    float default_level = 0.0f;
+    actsparse_act act = ACTSPARSE_ACT_SILU;
+    std::vector<sparse_layer> layers;
+};
+
+struct weight_ref {
+    const sparse_model * model;
+    int il;
+    op_kind kind;
+};
+
+struct counters {
+    std::atomic<uint64_t> zero{0}, total{0};
+};
+
+struct op_params {
+    const sparse_model * model = nullptr;
+    actsparse_context * state = nullptr;
+    int il = 0;
+    op_kind kind = KIND_FFN;
+    actsparse_act act = ACTSPARSE_ACT_NONE;
+};
+
+std::mutex g_mutex;
+std::map<const llama_model *, std::unique_ptr<sparse_model>> g_models;
+std::map<const ggml_tensor *, weight_ref> g_weights;  // ffn_down / attn_q / attn_output -> layer
+std::map<const llama_context *, std::unique_ptr<actsparse_context>> g_contexts;
+
+}  // namespace
+
+struct actsparse_context {
+    const sparse_model * model = nullptr;
+    int level = -1;
+    bool print_at_exit = false;
+    std::vector<std::unique_ptr<counters[]>> stats;  // per layer, per kind
+    std::deque<op_params> params;                    // stable addresses for op userdata
+    std::map<std::pair<int, int>, op_params *> by_layer_kind;
+};
+
+// ---- model load -------------------------------------------------------------------------------
+
+static std::string tensor_err(const ggml_tensor * t, const std::string & what) {
+    return std::string("actsparse: tensor '") + t->name + "' " + what;
+}
+
+static void check_thresholds(const ggml_tensor * t, int64_t channels, size_t n_levels) {
+    if (t->type != GGML_TYPE_F32) throw std::runtime_error(tensor_err(t, "must be F32"));
+    if ((t->ne[0] != 1 && t->ne[0] != channels) || t->ne[1] != (int64_t) n_levels || t->ne[2] != 1) {
+        throw std::runtime_error(tensor_err(t, "has shape [" + std::to_string(t->ne[0]) + ", " +
+                                 std::to_string(t->ne[1]) + "], expected [1 or " + std::to_string(channels) +
+                                 ", " + std::to_string(n_levels) + "]"));
+    }
+    std::vector<float> v(ggml_nelements(t));
+    ggml_backend_tensor_get(t, v.data(), 0, ggml_nbytes(t));
+    for (float x : v) {
+        if (std::isnan(x) || x < 0.0f || std::isinf(x)) {
+            throw std::runtime_error(tensor_err(t, "holds a NaN, infinite or negative threshold"));
+        }
+    }
+}
+
+static void check_transposed(const ggml_tensor * t, const ggml_tensor * orig, const char * expected_name) {
+    if (!t) throw std::runtime_error(std::string("actsparse: transposed copy '") + expected_name + "' is missing");
+    if (!orig || t->ne[0] != orig->ne[1] || t->ne[1] != orig->ne[0]) {
+        throw std::runtime_error(tensor_err(t, "is not the transpose of its original's shape"));
+    }
+}
+
+static std::vector<float> read_levels(const gguf_context * meta) {
+    std::vector<float> levels;
+    const int64_t k = gguf_find_key(meta, "actsparse.levels");
+    if (k < 0 || gguf_get_kv_type(meta, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, k) != GGUF_TYPE_FLOAT32) {
+        throw std::runtime_error("actsparse: key 'actsparse.levels' is missing or not an array of f32");
+    }
+    const float * data = (const float *) gguf_get_arr_data(meta, k);
+    levels.assign(data, data + gguf_get_arr_n(meta, k));
+    for (size_t i = 0; i < levels.size(); ++i) {
+        if (!(levels[i] > 0.0f && levels[i] < 1.0f) || (i > 0 && levels[i] <= levels[i - 1])) {
+            throw std::runtime_error("actsparse: 'actsparse.levels' must be increasing values in (0, 1)");
+        }
+    }
+    if (levels.empty()) throw std::runtime_error("actsparse: 'actsparse.levels' is empty");
+    return levels;
+}
+
+void actsparse_model_loaded(const llama_model & model, const gguf_context * meta) {
+    bool any = false;
+    for (const auto & L : model.layers) any |= L.ffn_act_thresh || L.attn_q_in_thresh || L.attn_o_in_thresh;
+    const bool has_keys = gguf_find_key(meta, "actsparse.format_version") >= 0;
+    if (!any && !has_keys) return;
+    if (!any) throw std::runtime_error("actsparse: file has actsparse keys but no threshold tensors");
+
+    auto sm = std::make_unique<sparse_model>();
+    sm->levels = read_levels(meta);
+    const int64_t kd = gguf_find_key(meta, "actsparse.default_level");
+    sm->default_level = kd >= 0 ? gguf_get_val_f32(meta, kd) : sm->levels[sm->levels.size() / 2];
+    bool def_ok = false;
+    for (float l : sm->levels) def_ok |= std::fabs(l - sm->default_level) < 1e-6f;
+    if (!def_ok) throw std::runtime_error("actsparse: 'actsparse.default_level' is not one of 'actsparse.levels'");
+    const int64_t ka = gguf_find_key(meta, "actsparse.activation");
+    const std::string act = ka >= 0 ? gguf_get_val_str(meta, ka) : "silu";
+    if (act == "silu") sm->act = ACTSPARSE_ACT_SILU;
+    else if (act == "gelu") sm->act = ACTSPARSE_ACT_GELU;
+    else throw std::runtime_error("actsparse: unknown 'actsparse.activation' " + act);
+
+    for (size_t il = 0; il < model.layers.size(); ++il) {
+        const auto & L = model.layers[il];
+        if (!L.ffn_act_thresh && !L.attn_q_in_thresh && !L.attn_o_in_thresh) continue;
+        sparse_layer sl;
+        sl.il = (int) il;
+        sl.up = L.ffn_up;
+        const std::string p = "blk." + std::to_string(il) + ".";
+        if (L.ffn_act_thresh) {
+            check_thresholds(L.ffn_act_thresh, L.ffn_gate ? L.ffn_gate->ne[1] : -1, sm->levels.size());
+            check_transposed(L.ffn_down_t, L.ffn_down, (p + "ffn_down_t.weight").c_str());
+            sl.thresh[KIND_FFN] = L.ffn_act_thresh;
+            sl.weight_t[KIND_FFN] = L.ffn_down_t;
+        }
+        if (L.attn_q_in_thresh) {
+            check_thresholds(L.attn_q_in_thresh, L.wq ? L.wq->ne[0] : -1, sm->levels.size());
+            check_transposed(L.attn_q_t, L.wq, (p + "attn_q_t.weight").c_str());
+            sl.thresh[KIND_Q] = L.attn_q_in_thresh;
+            sl.weight_t[KIND_Q] = L.attn_q_t;
+        }
+        if (L.attn_o_in_thresh) {
+            check_thresholds(L.attn_o_in_thresh, L.wo ? L.wo->ne[0] : -1, sm->levels.size());
+            check_transposed(L.attn_output_t, L.wo, (p + "attn_output_t.weight").c_str());
+            sl.thresh[KIND_O] = L.attn_o_in_thresh;
+            sl.weight_t[KIND_O] = L.attn_output_t;
+        }
+        sm->layers.push_back(sl);
+    }
+
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const sparse_model * smp = sm.get();
+    for (size_t i = 0; i < smp->layers.size(); ++i) {
+        const auto & sl = smp->layers[i];
+        const auto & L = model.layers[sl.il];
+        if (sl.thresh[KIND_FFN]) g_weights[L.ffn_down] = { smp, (int) i, KIND_FFN };
+        if (sl.thresh[KIND_Q])   g_weights[L.wq]       = { smp, (int) i, KIND_Q };
+        if (sl.thresh[KIND_O])   g_weights[L.wo]       = { smp, (int) i, KIND_O };
+    }
+    g_models[&model] = std::move(sm);
+}
+
+void actsparse_model_freed(const llama_model * model) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_models.find(model);
+    if (it == g_models.end()) return;
+    for (auto w = g_weights.begin(); w != g_weights.end();) {
+        w = w->second.model == it->second.get() ? g_weights.erase(w) : std::next(w);
+    }
+    g_models.erase(it);
+}
+
+// ---- contexts ---------------------------------------------------------------------------------
+
+static const sparse_model * find_model(const llama_model * model) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_models.find(model);
+    return it == g_models.end() ? nullptr : it->second.get();
+}
+
+extern "C" int actsparse_model_n_levels(const llama_model * model) {
+    const sparse_model * sm = find_model(model);
+    return sm ? (int) sm->levels.size() : 0;
+}
+
+extern "C" float actsparse_model_level(const llama_model * model, int i) {
+    const sparse_model * sm = find_model(model);
+    return sm && i >= 0 && i < (int) sm->levels.size() ? sm->levels[i] : -1.0f;
+}
+
+extern "C" float actsparse_model_default_level(const llama_model * model) {
+    const sparse_model * sm = find_model(model);
+    return sm ? sm->default_level : -1.0f;
+}
+
+static std::string levels_text(const sparse_model * sm) {
+    std::string s;
+    char buf[32];
+    for (float l : sm->levels) {
+        std::snprintf(buf, sizeof buf, "%s%g", s.empty() ? "" : ", ", l);
+        s += buf;
+    }
+    return s;
+}
+
+extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err, size_t err_size) {
+    auto fail = [&](const std::string & msg) {
+        if (err && err_size) std::snprintf(err, err_size, "%s", msg.c_str());
+        return -1;
+    };
+    const sparse_model * sm = find_model(llama_get_model(ctx));
+    if (level == 0.0f) {
+        ctx->set_actsparse(-1, nullptr);
+        return 0;
+    }
+    if (!sm) {
+        return fail("the model has no sparsity thresholds; create them with python/convert_with_thresholds.py");
+    }
+    if (std::isnan(level)) return fail("sparsity level is NaN");
+    if (level < 0.0f) level = sm->default_level;
+    int idx = -1;
+    for (size_t i = 0; i < sm->levels.size(); ++i) {
+        if (std::fabs(sm->levels[i] - level) < 1e-4f) idx = (int) i;
+    }
+    if (idx < 0) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%g", level);
+        return fail(std::string("sparsity level ") + buf + " is not in the model; available: " + levels_text(sm));
+    }
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto & st = g_contexts[ctx];
+    const bool keep_print = st && st->print_at_exit;
+    st = std::make_unique<actsparse_context>();
+    st->model = sm;
+    st->level = idx;
+    st->print_at_exit = keep_print;
+    const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
+    for (size_t il = 0; il < n_layer; ++il) st->stats.emplace_back(new counters[N_KINDS]);
+    for (size_t i = 0; i < sm->layers.size(); ++i) {
+        for (int k = 0; k < N_KINDS; ++k) {
+            op_params p;
+            p.model = sm;
+            p.state = st.get();
+            p.il = (int) i;
+            p.kind = (op_kind) k;
+            p.act = k == KIND_FFN ? sm->act : ACTSPARSE_ACT_NONE;
+            st->params.push_back(p);
+            st->by_layer_kind[{ (int) i, k }] = &st->params.back();
+        }
+    }
+    ctx->set_actsparse(idx, st.get());
+    return 0;
+}
+
+void actsparse_context_freed(const llama_context * ctx) {
+    std::unique_ptr<actsparse_context> st;
+    {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        auto it = g_contexts.find(ctx);
+        if (it == g_contexts.end()) return;
+        st = std::move(it->second);
+        g_contexts.erase(it);
+    }
+    if (st->print_at_exit) {
+        std::string out = "actsparse: realized sparsity during decode (fraction of inputs skipped)\n";
+        out += "  layer      ffn  attn_q_in  attn_o_in\n";
+        double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+        for (size_t il = 0; il < st->stats.size(); ++il) {
+            char line[128];
+            int n = std::snprintf(line, sizeof line, "  %5zu", il);
+            for (int k = 0; k < N_KINDS; ++k) {
+                const double z = st->stats[il][k].zero, t = st->stats[il][k].total;
+                tz[k] += z;
+                tt[k] += t;
+                n += std::snprintf(line + n, sizeof line - n, t > 0 ? "  %9.3f" : "  %9s", t > 0 ? z / t : 0.0, "-");
+            }
+            out += line;
+            out += "\n";
+        }
+        char line[128];
+        int n = std::snprintf(line, sizeof line, "  %5s", "all");
+        for (int k = 0; k < N_KINDS; ++k) {
+            n += std::snprintf(line + n, sizeof line - n, tt[k] > 0 ? "  %9.3f" : "  %9s", tt[k] > 0 ? tz[k] / tt[k] : 0.0, "-");
+        }
+        out += line;
+        out += "\n";
+        std::fputs(out.c_str(), stderr);
+    }
+}
+
+static actsparse_context * context_state(llama_context * ctx) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_contexts.find(ctx);
+    return it == g_contexts.end() ? nullptr : it->second.get();
+}
+
+extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
+    actsparse_context * st = context_state(ctx);
+    if (st) st->print_at_exit = on;
+}
+
+extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size) {
+    actsparse_context * st = context_state(ctx);
+    std::string js = "{\"layers\": [";
+    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+    if (st) {
+        for (size_t il = 0; il < st->stats.size(); ++il) {
+            js += il ? ", {" : "{";
+            js += "\"layer\": " + std::to_string(il);
+            for (int k = 0; k < N_KINDS; ++k) {
+                const double z = st->stats[il][k].zero, t = st->stats[il][k].total;
+                tz[k] += z;
+                tt[k] += t;
+                char item[96];
+                std::snprintf(item, sizeof item, ", \"%s\": %s", KIND_NAMES[k], t > 0 ? std::to_string(z / t).c_str() : "null");
+                js += item;
+            }
+            js += "}";
+        }
+    }
+    js += "], \"overall\": {";
+    for (int k = 0; k < N_KINDS; ++k) {
+        char item[96];
+        std::snprintf(item, sizeof item, "%s\"%s\": %s", k ? ", " : "", KIND_NAMES[k],
+                      tt[k] > 0 ? std::to_string(tz[k] / tt[k]).c_str() : "null");
+        js += item;
+    }
+    js += "}}";
+    if (buf && size) std::snprintf(buf, size, "%s", js.c_str());
+    return (int) js.size();
+}
+
+// ---- ops --------------------------------------------------------------------------------------
+
+static const float * thresholds_row(const ggml_tensor * thr, int level) {
+    return (const float *) ((const char *) thr->data + (size_t) level * thr->nb[1]);
+}
+
+// Dense-shape op: y = a(x) with sub-threshold entries zeroed, any number of rows (prefill and
+// the reference decode path). Rows are split across threads, or a single row's channels.
+static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const op_params * p = (const op_params *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const ggml_tensor * thr = dst->src[1];
+    const int64_t n = x->ne[0];
+    const int64_t nrows = ggml_nrows(x);
+    const float * t = thresholds_row(thr, p->state->level);
+    const bool scalar = thr->ne[0] == 1;
+    int64_t zeros = 0;
+    if (nrows == 1) {
+        const int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
+        zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, p->act, i0, i1);
+        counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
+        c.zero += (uint64_t) zeros;
+        c.total += (uint64_t) (i1 - i0);
+        return;
+    }
+    for (int64_t r = nrows * ith / nth; r < nrows * (ith + 1) / nth; ++r) {
+        const float * xr = (const float *) ((const char *) x->data + r * x->nb[1]);
+        float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
+        actsparse_act_mask(xr, yr, t, scalar, p->act, 0, n);
+    }
+}
+
+// The compact list of active inputs of one token: [count, idx[n], val[n]] as int32/float bits.
+static void op_select(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) return;  // n is small; one thread avoids a barrier
+    const op_params * p = (const op_params *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const ggml_tensor * thr = dst->src[1];
+    const int64_t n = x->ne[0];
+    int32_t * out = (int32_t *) dst->data;
+    const int64_t k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level),
+                                       thr->ne[0] == 1, p->act, n, out + 1, (float *) (out + 1 + n));
+    out[0] = (int32_t) k;
+    counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
+    c.zero += (uint64_t) (n - k);
+    c.total += (uint64_t) n;
+}
+
+// Compact h_k = a_k * (W_up[idx_k] . x) for the active channels.
+static void op_up_rows(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    const ggml_tensor * sel = dst->src[2];
+    const int64_t n = sel->ne[0] / 2;
+    const int32_t * s = (const int32_t *) sel->data;
+    const int64_t k = s[0];
+    const int64_t k0 = k * ith / nth, k1 = k * (ith + 1) / nth;
+    if (k0 >= k1) return;
+    const ggml_type vdt = ggml_get_type_traits_cpu(w->type)->vec_dot_type;
+    thread_local std::vector<char> xq;
+    xq.resize(ggml_row_size(vdt, x->ne[0]));
+    const float * xf = (const float *) x->data;
+    if (vdt == GGML_TYPE_F32) {
+        std::memcpy(xq.data(), xf, x->ne[0] * sizeof(float));
+    } else {
+        ggml_get_type_traits_cpu(vdt)->from_float(xf, xq.data(), x->ne[0]);
+    }
+    actsparse_rows_dot(w->type, w->data, w->nb[1], w->ne[0], s + 1, (const float *) (s + 1 + n), xq.data(),
+                       (float *) dst->data, k0, k1);
+}
+
+// y = sum_k v_k W_t[idx_k, :], columns split across threads in whole blocks.
+static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const ggml_tensor * wt = dst->src[0];
+    const ggml_tensor * sel = dst->src[1];
+    const ggml_tensor * vals = dst->src[2];  // compact values, or null: take them from sel
+    const int64_t n = sel->ne[0] / 2;
+    const int32_t * s = (const int32_t *) sel->data;
+    const float * v = vals ? (const float *) vals->data : (const float *) (s + 1 + n);
+    const int64_t ncols = wt->ne[0];
+    const int64_t bs = ggml_blck_size(wt->type);
+    const int64_t nblocks = ncols / bs;
+    const int64_t c0 = nblocks * ith / nth * bs, c1 = nblocks * (ith + 1) / nth * bs;
+    if (c0 >= c1) return;
+    actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, s[0], (float *) dst->data, c0, c1);
+}
+
+// ---- graph building ---------------------------------------------------------------------------
+
+static bool plain_cpu_weight(const ggml_tensor * w) {
+    // weights in the CPU backend's extra buffers ("CPU_REPACK", ...) are not in ggml's row layout
+    if (!w || !w->buffer) return false;
+    const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
+    return std::strcmp(name, "CPU") == 0 || std::strcmp(name, "CPU_Mapped") == 0;
+}
+
+static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, op_params *& p,
+                   const sparse_layer *& sl) {
+    if (!st || st->level < 0 || !w) return false;
+    weight_ref ref;
+    {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        auto it = g_weights.find(w);
+        if (it == g_weights.end() || it->second.model != st->model || it->second.kind != kind) return false;
+        ref = it->second;
+    }
+    sl = &st->model->layers[ref.il];
+    p = st->by_layer_kind.at({ ref.il, kind });
+    return sl->thresh[kind] != nullptr;
+}
+
+ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_tensor * up, ggml_tensor * gate,
+                                  ggml_tensor * down, bool plain_gated, actsparse_context * st) {
+    op_params * p = nullptr;
+    const sparse_layer * sl = nullptr;
+    if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, p, sl)) return nullptr;
+    ggml_tensor * thr = sl->thresh[KIND_FFN];
+    ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
+    const int64_t n_ff = g->ne[0];
+    const bool decode = ggml_nrows(cur) == 1;
+    if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
+        ggml_tensor * srcs_sel[] = { g, thr };
+        ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n_ff, 1, 1, 1, srcs_sel, 2, op_select,
+                                           GGML_N_TASKS_MAX, p);
+        ggml_tensor * srcs_up[] = { up, cur, sel };
+        ggml_tensor * h = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_ff, 1, 1, 1, srcs_up, 3, op_up_rows,
+                                         GGML_N_TASKS_MAX, p);
+        ggml_tensor * wt = sl->weight_t[KIND_FFN];
+        ggml_tensor * srcs_down[] = { wt, sel, h };
+        return ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs_down, 3, op_axpy, GGML_N_TASKS_MAX, p);
+    }
+    ggml_tensor * u = ggml_mul_mat(ctx0, up, cur);
+    ggml_tensor * srcs[] = { g, thr };
+    ggml_tensor * a = ggml_custom_4d(ctx0, GGML_TYPE_F32, g->ne[0], g->ne[1], g->ne[2], g->ne[3], srcs, 2, op_mask,
+                                     GGML_N_TASKS_MAX, p);
+    return ggml_mul_mat(ctx0, down, ggml_mul(ctx0, a, u));
+}
+
+ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, actsparse_context * st) {
+    op_params * p = nullptr;
+    const sparse_layer * sl = nullptr;
+    op_kind kind;
+    {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        auto it = st && st->level >= 0 ? g_weights.find(w) : g_weights.end();
+        if (it == g_weights.end() || it->second.kind == KIND_FFN) return nullptr;
+        kind = it->second.kind;
+    }
+    if (!lookup(w, st, kind, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
+    ggml_tensor * thr = sl->thresh[kind];
+    ggml_tensor * wt = sl->weight_t[kind];
+    if (ggml_nrows(cur) == 1 && plain_cpu_weight(wt)) {
+        const int64_t n = cur->ne[0];
+        ggml_tensor * srcs_sel[] = { cur, thr };
+        ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,
+                                           GGML_N_TASKS_MAX, p);
+        ggml_tensor * srcs[] = { wt, sel };
+        return ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs, 2, op_axpy, GGML_N_TASKS_MAX, p);
+    }
+    ggml_tensor * srcs[] = { cur, thr };
+    ggml_tensor * x = ggml_custom_4d(ctx0, GGML_TYPE_F32, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3], srcs, 2,
+                                     op_mask, GGML_N_TASKS_MAX, p);
+    return ggml_mul_mat(ctx0, w, x);
+}

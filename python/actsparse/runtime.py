@@ -1,0 +1,79 @@
+"""Sparse decoding from Python: llama-cpp-python on this project's libllama.
+
+    import actsparse
+    llm = actsparse.Llama("model.sparse.gguf", sparse=0.5)   # or sparse=True for the file's default
+    actsparse.enable_sparse(existing_llama, 0.5)             # an existing llama_cpp.Llama
+
+The binding's C structs are untouched: the level is set through actsparse_set_sparse(), which our
+libllama exports (native/include/actsparse.h).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from typing import Any
+
+from . import engine
+
+
+class SparseError(ValueError):
+    """The model cannot run at the requested sparsity level."""
+
+
+def _lib() -> ctypes.CDLL:
+    lib = engine.llama_cpp().llama_cpp._lib
+    if not getattr(lib, "_actsparse_ready", False):
+        lib.actsparse_set_sparse.restype = ctypes.c_int
+        lib.actsparse_set_sparse.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_float,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        lib.actsparse_stats_json.restype = ctypes.c_int
+        lib.actsparse_stats_json.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.actsparse_model_n_levels.restype = ctypes.c_int
+        lib.actsparse_model_n_levels.argtypes = [ctypes.c_void_p]
+        lib.actsparse_model_level.restype = ctypes.c_float
+        lib.actsparse_model_level.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.actsparse_model_default_level.restype = ctypes.c_float
+        lib.actsparse_model_default_level.argtypes = [ctypes.c_void_p]
+        lib._actsparse_ready = True
+    return lib
+
+
+def model_levels(llm: Any) -> list[float]:
+    """The sparsity levels the loaded model carries ([] without thresholds)."""
+    lib = _lib()
+    model = llm._model.model
+    return [lib.actsparse_model_level(model, i) for i in range(lib.actsparse_model_n_levels(model))]
+
+
+def enable_sparse(llm: Any, level: float | bool | None = True) -> None:
+    """Run `llm` (a llama_cpp.Llama) at `level`: True = the file's default, a level, or 0/False/None = dense."""
+    if level is True:
+        value = -1.0
+    elif level is None or level is False:
+        value = 0.0
+    else:
+        value = float(level)
+    err = ctypes.create_string_buffer(512)
+    if _lib().actsparse_set_sparse(llm._ctx.ctx, value, err, len(err)) != 0:
+        raise SparseError(err.value.decode())
+
+
+def sparse_stats(llm: Any) -> dict[str, Any]:
+    """Realized decode sparsity since the level was set: {"layers": [...], "overall": {...}}."""
+    lib = _lib()
+    n = lib.actsparse_stats_json(llm._ctx.ctx, None, 0)
+    buf = ctypes.create_string_buffer(n + 1)
+    lib.actsparse_stats_json(llm._ctx.ctx, buf, len(buf))
+    return json.loads(buf.value.decode())
+
+
+def Llama(model_path: str, sparse: float | bool | None = None, **kwargs: Any) -> Any:  # noqa: N802
+    """A llama_cpp.Llama on this project's libllama, running at `sparse` (see enable_sparse)."""
+    llm = engine.llama_cpp().Llama(model_path=str(model_path), **kwargs)
+    enable_sparse(llm, sparse)
+    return llm
