@@ -51,7 +51,10 @@ def model_levels(llm: Any) -> list[float]:
 
 
 def enable_sparse(llm: Any, level: float | bool | None = True) -> None:
-    """Run `llm` (a llama_cpp.Llama) at `level`: True = the file's default, a level, or 0/False/None = dense."""
+    """Run `llm` (a llama_cpp.Llama) at `level`.
+
+    True: the file's default level; a number: that level; 0, False or None: dense.
+    """
     if level is True:
         value = -1.0
     elif level is None or level is False:
