@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -74,6 +75,8 @@ struct actsparse_context {
     std::vector<std::unique_ptr<counters[]>> stats;  // per layer, per kind
     std::deque<op_params> params;                    // stable addresses for op userdata
     std::map<std::pair<int, int>, op_params *> by_layer_kind;
+    std::atomic<uint64_t> checked{0};
+    std::atomic<uint32_t> check_max_rel_err_bits{0};  // float bits: max |kernel - dense| / max |dense|
 };
 
 // ---- model load -------------------------------------------------------------------------------
@@ -347,7 +350,15 @@ extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size
                       tt[k] > 0 ? std::to_string(tz[k] / tt[k]).c_str() : "null");
         js += item;
     }
-    js += "}}";
+    js += "}";
+    if (st && st->checked > 0) {
+        uint32_t bits = st->check_max_rel_err_bits.load();
+        float rel;
+        std::memcpy(&rel, &bits, sizeof rel);
+        js += ", \"decode_check\": {\"products\": " + std::to_string(st->checked.load()) +
+              ", \"max_rel_err\": " + std::to_string(rel) + "}";
+    }
+    js += "}";
     if (buf && size) std::snprintf(buf, size, "%s", js.c_str());
     return (int) js.size();
 }
@@ -442,6 +453,44 @@ static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
     actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, s[0], (float *) dst->data, c0, c1);
 }
 
+// ACTSPARSE_CHECK_DECODE=1: every sparse decode product is also computed densely from the same
+// masked input, and the largest relative difference is kept in the statistics (tests use it).
+static bool check_decode() {
+    static const bool on = std::getenv("ACTSPARSE_CHECK_DECODE") != nullptr;
+    return on;
+}
+
+static void op_check(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) return;
+    const op_params * p = (const op_params *) userdata;
+    const float * k = (const float *) dst->src[0]->data;
+    const float * d = (const float *) dst->src[1]->data;
+    double diff = 0.0, scale = 1e-30;
+    for (int64_t i = 0; i < dst->ne[0]; ++i) {
+        diff = std::max(diff, (double) std::fabs(k[i] - d[i]));
+        scale = std::max(scale, (double) std::fabs(d[i]));
+    }
+    const float rel = (float) (diff / scale);
+    uint32_t bits;
+    std::memcpy(&bits, &rel, sizeof bits);
+    uint32_t cur = p->state->check_max_rel_err_bits.load();
+    while (bits > cur && !p->state->check_max_rel_err_bits.compare_exchange_weak(cur, bits)) {}
+    p->state->checked++;
+    std::memcpy(dst->data, k, ggml_nbytes(dst));
+}
+
+static ggml_tensor * with_check(ggml_context * ctx0, ggml_tensor * sparse, ggml_tensor * dense, op_params * p) {
+    ggml_tensor * srcs[] = { sparse, dense };
+    return ggml_custom_4d(ctx0, GGML_TYPE_F32, sparse->ne[0], 1, 1, 1, srcs, 2, op_check, GGML_N_TASKS_MAX, p);
+}
+
+static ggml_tensor * masked(ggml_context * ctx0, ggml_tensor * x, ggml_tensor * thr, op_params * p) {
+    ggml_tensor * srcs[] = { x, thr };
+    return ggml_custom_4d(ctx0, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], srcs, 2, op_mask,
+                          GGML_N_TASKS_MAX, p);
+}
+
 // ---- graph building ---------------------------------------------------------------------------
 
 static bool plain_cpu_weight(const ggml_tensor * w) {
@@ -449,6 +498,13 @@ static bool plain_cpu_weight(const ggml_tensor * w) {
     if (!w || !w->buffer) return false;
     const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
     return std::strcmp(name, "CPU") == 0 || std::strcmp(name, "CPU_Mapped") == 0;
+}
+
+// ACTSPARSE_DENSE_DECODE=1 computes decode like prefill (dense products of masked inputs): the
+// reference that the sparse kernels are compared with.
+static bool decode_kernels_enabled() {
+    static const bool enabled = std::getenv("ACTSPARSE_DENSE_DECODE") == nullptr;
+    return enabled;
 }
 
 static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, op_params *& p,
@@ -474,7 +530,7 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     ggml_tensor * thr = sl->thresh[KIND_FFN];
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
     const int64_t n_ff = g->ne[0];
-    const bool decode = ggml_nrows(cur) == 1;
+    const bool decode = ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * srcs_sel[] = { g, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n_ff, 1, 1, 1, srcs_sel, 2, op_select,
@@ -484,13 +540,18 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
                                          GGML_N_TASKS_MAX, p);
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
         ggml_tensor * srcs_down[] = { wt, sel, h };
-        return ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs_down, 3, op_axpy, GGML_N_TASKS_MAX, p);
+        ggml_tensor * y = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs_down, 3, op_axpy,
+                                         GGML_N_TASKS_MAX, p);
+        if (check_decode()) {
+            // the dense reference reads W_down^T back from the copy, so only the kernels differ
+            ggml_tensor * a = masked(ctx0, g, thr, p);
+            ggml_tensor * hd = ggml_mul(ctx0, a, ggml_mul_mat(ctx0, up, cur));
+            y = with_check(ctx0, y, ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32))), hd), p);
+        }
+        return y;
     }
     ggml_tensor * u = ggml_mul_mat(ctx0, up, cur);
-    ggml_tensor * srcs[] = { g, thr };
-    ggml_tensor * a = ggml_custom_4d(ctx0, GGML_TYPE_F32, g->ne[0], g->ne[1], g->ne[2], g->ne[3], srcs, 2, op_mask,
-                                     GGML_N_TASKS_MAX, p);
-    return ggml_mul_mat(ctx0, down, ggml_mul(ctx0, a, u));
+    return ggml_mul_mat(ctx0, down, ggml_mul(ctx0, masked(ctx0, g, thr, p), u));
 }
 
 ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, actsparse_context * st) {
@@ -506,16 +567,19 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
     if (!lookup(w, st, kind, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
-    if (ggml_nrows(cur) == 1 && plain_cpu_weight(wt)) {
+    if (ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt)) {
         const int64_t n = cur->ne[0];
         ggml_tensor * srcs_sel[] = { cur, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,
                                            GGML_N_TASKS_MAX, p);
         ggml_tensor * srcs[] = { wt, sel };
-        return ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs, 2, op_axpy, GGML_N_TASKS_MAX, p);
+        ggml_tensor * y = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs, 2, op_axpy,
+                                         GGML_N_TASKS_MAX, p);
+        if (check_decode()) {
+            ggml_tensor * wd = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32)));
+            y = with_check(ctx0, y, ggml_mul_mat(ctx0, wd, masked(ctx0, cur, thr, p)), p);
+        }
+        return y;
     }
-    ggml_tensor * srcs[] = { cur, thr };
-    ggml_tensor * x = ggml_custom_4d(ctx0, GGML_TYPE_F32, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3], srcs, 2,
-                                     op_mask, GGML_N_TASKS_MAX, p);
-    return ggml_mul_mat(ctx0, w, x);
+    return ggml_mul_mat(ctx0, w, masked(ctx0, cur, thr, p));
 }

@@ -1,0 +1,182 @@
+"""The sparse runtime: loading, --sparse flags, decode against prefill, Python API, kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+import actsparse
+from actsparse import engine, gguf_io
+from actsparse.gguf_io import NewTensor
+from helpers import REPO, run_converter
+
+PROMPT = "The history of the city begins with a small settlement on the river, where"
+
+
+@pytest.fixture(scope="module")
+def sparse_model(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runtime") / "smol.sparse.gguf"
+    run_converter(small_model_path, "-o", out, "--calib-tokens", 4096, "-q", check=True)
+    return out
+
+
+def completion(model: Path, *flags: str, n: int = 16) -> subprocess.CompletedProcess[str]:
+    cmd = [str(engine.binary("llama-completion")), "-m", str(model), "-p", PROMPT, "-n", str(n), "-t", "2",
+           "--temp", "0", "-no-cnv", "--no-warmup", *flags]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("binary", ["actsparse-test-kernels", "actsparse-test-kernels-asan"])
+def test_kernels_against_dense_reference(binary: str) -> None:
+    """Every kernel, every supported type, odd shapes, 1-3 threads; the second build runs under
+    AddressSanitizer and UndefinedBehaviorSanitizer."""
+    proc = subprocess.run([str(engine.binary(binary))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    passed, failed = proc.stdout.strip().splitlines()[-1].split(", ")
+    assert failed == "0 failed" and int(passed.split()[0]) > 100
+    assert "runtime error" not in proc.stderr and "AddressSanitizer" not in proc.stderr
+
+
+def test_thresholds_do_not_change_dense_output(small_model_path: Path, sparse_model: Path) -> None:
+    dense = completion(small_model_path)
+    carried = completion(sparse_model)
+    zero = completion(sparse_model, "--sparse", "0")
+    assert dense.returncode == carried.returncode == zero.returncode == 0
+    assert dense.stdout == carried.stdout == zero.stdout
+
+
+def test_sparse_runs_and_reports_realized_sparsity(sparse_model: Path) -> None:
+    proc = completion(sparse_model, "--sparse", "--sparse-stats", n=32)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    overall = [line.split() for line in proc.stderr.splitlines() if line.strip().startswith("all ")]
+    assert overall, proc.stderr[-2000:]
+    ffn, q_in, o_in = (float(x) for x in overall[-1][1:4])
+    assert abs(ffn - 0.5) < 0.1 and abs(q_in - 0.5) < 0.15 and abs(o_in - 0.5) < 0.15
+
+
+def test_sparse_on_a_model_without_thresholds_is_a_clear_error(small_model_path: Path) -> None:
+    proc = completion(small_model_path, "--sparse")
+    assert proc.returncode != 0
+    assert "convert_with_thresholds.py" in proc.stderr
+
+
+def test_unknown_level_lists_the_available_ones(sparse_model: Path) -> None:
+    proc = completion(sparse_model, "--sparse", "0.55")
+    assert proc.returncode != 0
+    assert "0.55" in proc.stderr and "available: 0.3, 0.4, 0.5, 0.6, 0.7" in proc.stderr
+
+
+def _rewrite(src: Path, dst: Path, name: str, make, drop_only: bool = False) -> None:  # noqa: ANN001
+    reader = gguf_io.open_gguf(src)
+    t = next(x for x in reader.tensors if x.name == name)
+    new = [] if drop_only else [NewTensor(name, tuple(int(v) for v in t.shape), t.tensor_type, make)]
+    gguf_io.write_model(reader, "llama", dst, {}, new, drop=lambda n: n == name)
+
+
+@pytest.mark.parametrize("case", ["nan", "negative", "shape", "missing copy"])
+def test_malformed_sparsity_data_is_refused_naming_the_tensor(
+    sparse_model: Path, tmp_path: Path, case: str
+) -> None:
+    bad = tmp_path / "bad.gguf"
+    thr = "blk.4.ffn_act_thresh"
+    values = np.asarray(next(t for t in GGUFReader(sparse_model).tensors if t.name == thr).data).copy()
+    if case == "nan":
+        values.flat[7] = np.nan
+        _rewrite(sparse_model, bad, thr, lambda: values)
+        expect = thr
+    elif case == "negative":
+        values.flat[3] = -1.0
+        _rewrite(sparse_model, bad, thr, lambda: values)
+        expect = thr
+    elif case == "shape":
+        reader = gguf_io.open_gguf(sparse_model)
+        short = values.reshape(5, -1)[:, :-1].copy()
+        f32 = gguf_io.GGMLQuantizationType.F32
+        new = [NewTensor(thr, (short.shape[1], short.shape[0]), f32, lambda: short)]
+        gguf_io.write_model(reader, "llama", bad, {}, new, drop=lambda n: n == thr)
+        expect = thr
+    else:
+        _rewrite(sparse_model, bad, "blk.4.ffn_down_t.weight", None, drop_only=True)
+        expect = "blk.4.ffn_down_t.weight"
+    proc = completion(bad)
+    assert proc.returncode != 0
+    assert expect in proc.stderr
+
+
+def test_decode_kernels_equal_the_dense_product_with_the_same_mask(sparse_model: Path) -> None:
+    """ACTSPARSE_CHECK_DECODE computes every sparse decode product (FFN up+down, q, o) a second
+    time densely from the same masked input and keeps the largest relative difference."""
+    code = (
+        "import sys, json, actsparse\n"
+        "llm = actsparse.Llama(sys.argv[1], sparse=0.5, n_ctx=256, n_threads=3, verbose=False)\n"
+        "llm('The history of the city', max_tokens=12, temperature=0.0)\n"
+        "print(json.dumps(actsparse.sparse_stats(llm)))\n"
+    )
+    env = {**os.environ, "ACTSPARSE_CHECK_DECODE": "1", "PYTHONPATH": str(REPO / "python")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(sparse_model)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check = json.loads(proc.stdout.strip().splitlines()[-1])["decode_check"]
+    assert check["products"] >= 30 * 3 * 11
+    assert check["max_rel_err"] < 1e-4
+
+
+def _stepwise_vs_batched(model: Path, dense_decode: bool) -> dict[str, float]:
+    code = (
+        "import sys, json, numpy as np, actsparse\n"
+        "from actsparse.data import heldout_corpus\n"
+        "llm = actsparse.Llama(sys.argv[1], sparse=0.5, n_ctx=512, n_threads=2, logits_all=True,\n"
+        "                      verbose=False)\n"
+        "t = llm.tokenize(heldout_corpus().text[5000:12000].encode())[:128]\n"
+        "llm.eval(t); b = np.array(llm.scores[:len(t)]); llm.reset()\n"
+        "[llm.eval([x]) for x in t]; s = np.array(llm.scores[:len(t)])\n"
+        "def lsm(x):\n"
+        "    x = x - x.max(1, keepdims=True)\n"
+        "    return x - np.log(np.exp(x).sum(1, keepdims=True))\n"
+        "lb, ls = lsm(b), lsm(s)\n"
+        "print(json.dumps({'top1': float(np.mean(b.argmax(1) == s.argmax(1))),\n"
+        "                  'kld': float((np.exp(lb) * (lb - ls)).sum(1).mean())}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+    if dense_decode:
+        env["ACTSPARSE_DENSE_DECODE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_decode_and_batched_prefill_compute_the_same_function(sparse_model: Path) -> None:
+    """Token-by-token decode (sparse kernels) against one batched prefill (dense products of the
+    masked inputs) on held-out text.
+
+    The CHESS function is discontinuous at the thresholds, so the rounding differences between a
+    batched matrix product and a single-token one flip channels that sit on a threshold; even
+    decode through the dense masked path (ACTSPARSE_DENSE_DECODE) disagrees with the batch on
+    about a quarter of the top-1 tokens at level 0.5 on SmolLM2 (measured 0.75-0.77). The kernels
+    must not add to that beyond their transposed copies' rounding.
+    """
+    kernels = _stepwise_vs_batched(sparse_model, dense_decode=False)
+    reference = _stepwise_vs_batched(sparse_model, dense_decode=True)
+    assert kernels["top1"] >= reference["top1"] - 0.08, (kernels, reference)
+    assert kernels["kld"] <= 3 * reference["kld"] + 0.02, (kernels, reference)
+    assert kernels["top1"] >= 0.6
+
+
+def test_python_api(sparse_model: Path, small_model_path: Path) -> None:
+    llm = actsparse.Llama(str(sparse_model), sparse=True, n_ctx=128, n_threads=2, verbose=False)
+    assert actsparse.model_levels(llm) == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7])
+    out = llm("The capital of France is", max_tokens=8, temperature=0.0)
+    assert out["choices"][0]["text"]
+    with pytest.raises(actsparse.SparseError, match="available"):
+        actsparse.enable_sparse(llm, 0.45)
+    dense = actsparse.Llama(str(small_model_path), n_ctx=128, n_threads=2, verbose=False)
+    with pytest.raises(actsparse.SparseError, match="convert_with_thresholds"):
+        actsparse.enable_sparse(dense, 0.5)
