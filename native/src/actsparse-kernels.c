@@ -179,53 +179,45 @@ static void axpy_range(enum ggml_type type, const void * row, float v, float * y
     }
 }
 
-// Q8_0 over many rows: a tile of output columns stays in registers while every active row is
-// accumulated into it, so y is read and written once per tile instead of once per row.
+// Q8_0 over many rows: four rows at a time stream through the thread's column range, so each y
+// block is loaded and stored once per four rows and every row is read contiguously.
 static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const float * val, int64_t n,
                            float * y, int64_t c0, int64_t c1) {
-    int64_t j = c0 / QK8_0;
-    const int64_t j1 = c1 / QK8_0;
+    const int64_t j0 = c0 / QK8_0, j1 = c1 / QK8_0;
+    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    int64_t k = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    for (; k + 4 <= n; k += 4) {
+        const block_q8_0_t * r[4];
+        for (int i = 0; i < 4; ++i) r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
+        for (int64_t j = j0; j < j1; ++j) {
+            float * yj = y + j * QK8_0;
 #if defined(__AVX512F__)
-    enum { TILE = 4 };
-    for (; j + TILE <= j1; j += TILE) {
-        __m512 acc[2 * TILE];
-        for (int t = 0; t < 2 * TILE; ++t) acc[t] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < n; ++k) {
-            const block_q8_0_t * b = (const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j;
-            for (int t = 0; t < TILE; ++t) {
-                const __m512 s = _mm512_set1_ps(val[k] * fp16_to_fp32(b[t].d));
-                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b[t].qs)));
-                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b[t].qs + 16))));
-                acc[2 * t] = _mm512_fmadd_ps(s, q0, acc[2 * t]);
-                acc[2 * t + 1] = _mm512_fmadd_ps(s, q1, acc[2 * t + 1]);
+            __m512 a0 = _mm512_loadu_ps(yj), a1 = _mm512_loadu_ps(yj + 16);
+            for (int i = 0; i < 4; ++i) {
+                const __m512 s = _mm512_set1_ps(val[k + i] * fp16_to_fp32(r[i][j].d));
+                a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) r[i][j].qs))), a0);
+                a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (r[i][j].qs + 16)))), a1);
             }
-        }
-        for (int t = 0; t < 2 * TILE; ++t) _mm512_storeu_ps(y + j * QK8_0 + 16 * t, acc[t]);
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    enum { TILE = 2 };
-    for (; j + TILE <= j1; j += TILE) {
-        __m256 acc[4 * TILE];
-        for (int t = 0; t < 4 * TILE; ++t) acc[t] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < n; ++k) {
-            const block_q8_0_t * b = (const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j;
-            for (int t = 0; t < TILE; ++t) {
-                const __m256 s = _mm256_set1_ps(val[k] * fp16_to_fp32(b[t].d));
+            _mm512_storeu_ps(yj, a0);
+            _mm512_storeu_ps(yj + 16, a1);
+#else
+            __m256 a[4];
+            for (int l = 0; l < 4; ++l) a[l] = _mm256_loadu_ps(yj + 8 * l);
+            for (int i = 0; i < 4; ++i) {
+                const __m256 s = _mm256_set1_ps(val[k + i] * fp16_to_fp32(r[i][j].d));
                 for (int l = 0; l < 4; ++l) {
-                    const __m128i q = _mm_loadl_epi64((const __m128i *) (b[t].qs + 8 * l));
-                    acc[4 * t + l] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc[4 * t + l]);
+                    const __m128i q = _mm_loadl_epi64((const __m128i *) (r[i][j].qs + 8 * l));
+                    a[l] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), a[l]);
                 }
             }
+            for (int l = 0; l < 4; ++l) _mm256_storeu_ps(yj + 8 * l, a[l]);
+#endif
         }
-        for (int t = 0; t < 4 * TILE; ++t) _mm256_storeu_ps(y + j * QK8_0 + 8 * t, acc[t]);
     }
 #endif
-    // what is left (and everything on other targets): row by row
-    if (j < j1) {
-        memset(y + j * QK8_0, 0, (size_t) (j1 - j) * QK8_0 * sizeof(float));
-        for (int64_t k = 0; k < n; ++k) {
-            axpy_q8_0((const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j, val[k], y + j * QK8_0, (j1 - j) * QK8_0);
-        }
+    for (; k < n; ++k) {
+        axpy_q8_0((const block_q8_0_t *) (w + (size_t) idx[k] * rb) + j0, val[k], y + c0, c1 - c0);
     }
 }
 

@@ -184,6 +184,9 @@ def atomic_output(out_path: Path) -> Iterator[Path]:
     out_path = Path(out_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
     try:
         yield Path(tmp)
         os.replace(tmp, out_path)
