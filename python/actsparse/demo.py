@@ -1,7 +1,8 @@
 """`make demo`: the main job on the default model, from a fresh machine.
 
-Fetches the default model, converts it with a small calibration, and generates text from one
-prompt with the built llama-completion, printing the text and the decode speed.
+Fetches the default model, converts it with a small calibration, generates text from one prompt
+dense and sparse with the built llama-completion (both texts and speeds), and measures the KL
+divergence of the sparse model against the dense one on held-out text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +43,39 @@ def generate(
     return Generation(text=proc.stdout.strip(), decode_tps=float(m.group(1)) if m else float("nan"))
 
 
+def kl_divergence(
+    model: Path, text: str, threads: int, level_flag: list[str], ctx: int = 256, chunks: int = 8
+) -> float:
+    """Mean KL divergence of the sparse model against the dense one on `text` (llama-perplexity)."""
+    ppl = str(engine.binary("llama-perplexity"))
+    with tempfile.TemporaryDirectory(prefix="actsparse-demo-") as tmp:
+        text_file, base = Path(tmp) / "heldout.txt", Path(tmp) / "dense.kld"
+        text_file.write_text(text)
+        common = [
+            "-m",
+            str(model),
+            "-f",
+            str(text_file),
+            "-c",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "-t",
+            str(threads),
+        ]
+        subprocess.run([ppl, *common, "--kl-divergence-base", str(base)], capture_output=True, check=True)
+        out = subprocess.run(
+            [ppl, *common, "--kl-divergence-base", str(base), "--kl-divergence", *level_flag],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    m = re.search(r"Mean\s+KLD:\s+([-\d.]+)", out)
+    return float(m.group(1)) if m else float("nan")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="fetch the default model, convert it and generate text")
+    p = sub.add_parser("demo", help="fetch the default model, convert it, generate dense and sparse")
     p.add_argument(
         "--model", default=None, help="model name from `actsparse models list` (default: the default model)"
     )
@@ -57,6 +90,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from . import convert, models
+    from .data import heldout_corpus
 
     name = args.model or models.DEFAULT_MODEL
     print(f"== fetching {name}", flush=True)
@@ -74,10 +108,17 @@ def run(args: argparse.Namespace) -> int:
     if rc != 0:
         return rc
 
-    print(f"== generating {args.n_predict} tokens (dense) with llama-completion", flush=True)
+    print(f"== generating {args.n_predict} tokens with llama-completion, dense and --sparse", flush=True)
     dense = generate(sparse_path, args.prompt, args.n_predict, args.threads)
-    print(dense.text)
-    print(f"\ndecode speed (dense): {dense.decode_tps:.1f} tokens/s on {args.threads} threads")
+    sparse = generate(sparse_path, args.prompt, args.n_predict, args.threads, ["--sparse"])
+    print(f"\n-- dense:\n{dense.text}\n\n-- sparse (default level):\n{sparse.text}\n")
+    print(
+        f"decode speed, {args.threads} threads: dense {dense.decode_tps:.1f} t/s, "
+        f"sparse {sparse.decode_tps:.1f} t/s (x{sparse.decode_tps / dense.decode_tps:.2f})"
+    )
+    print("== KL divergence of sparse against dense on held-out text (LAMBADA, 8 x 256 tokens)", flush=True)
+    kld = kl_divergence(sparse_path, heldout_corpus().text[:200_000], args.threads, ["--sparse"])
+    print(f"mean KLD: {kld:.4f}")
     return 0
 
 
