@@ -75,6 +75,11 @@ void actsparse_rows_dot(enum ggml_type type, const void * w, size_t row_bytes, i
                         int64_t k0, int64_t k1) {
     const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu(type);
     for (int64_t k = k0; k < k1; ++k) {
+        if (k + 2 < k1) {
+            // rows are gathered by index, which the hardware prefetcher cannot follow
+            const char * ahead = (const char *) w + (size_t) idx[k + 2] * row_bytes;
+            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+        }
         float s = 0.0f;
         tt->vec_dot((int) n_per_row, &s, 0, (const char *) w + (size_t) idx[k] * row_bytes, 0, x_vd, 0, 1);
         out[k] = val[k] * s;
@@ -189,9 +194,14 @@ static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     for (; k + 4 <= n; k += 4) {
         const block_q8_0_t * r[4];
-        for (int i = 0; i < 4; ++i) r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
+        const block_q8_0_t * next[4];  // rows are gathered by index: prefetch the next four
+        for (int i = 0; i < 4; ++i) {
+            r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
+            next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + 4 + i < n ? k + 4 + i : k + i] * rb);
+        }
         for (int64_t j = j0; j < j1; ++j) {
             float * yj = y + j * QK8_0;
+            for (int i = 0; i < 4; ++i) __builtin_prefetch(next[i] + j);
 #if defined(__AVX512F__)
             __m512 a0 = _mm512_loadu_ps(yj), a1 = _mm512_loadu_ps(yj + 16);
             for (int i = 0; i < 4; ++i) {

@@ -268,7 +268,7 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
             p.state = st.get();
             p.il = (int) i;
             p.kind = (op_kind) k;
-            p.act = k == KIND_FFN ? sm->act : ACTSPARSE_ACT_NONE;
+            p.act = ACTSPARSE_ACT_NONE;  // the graph applies the activation with ggml's own op
             st->params.push_back(p);
             st->by_layer_kind[{ (int) i, k }] = &st->params.back();
         }
@@ -528,7 +528,9 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     const sparse_layer * sl = nullptr;
     if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, p, sl)) return nullptr;
     ggml_tensor * thr = sl->thresh[KIND_FFN];
+    // a = act(W_gate x) with ggml's vectorised op (the same formulas the thresholds were measured on)
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
+    g = st->model->act == ACTSPARSE_ACT_GELU ? ggml_gelu(ctx0, g) : ggml_silu(ctx0, g);
     const int64_t n_ff = g->ne[0];
     const bool decode = ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
