@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-namespace {
+namespace actsparse_detail {
 
 enum op_kind { KIND_FFN = 0, KIND_Q = 1, KIND_O = 2, N_KINDS = 3 };
 const char * const KIND_NAMES[N_KINDS] = { "ffn", "attn_q_in", "attn_o_in" };
@@ -58,7 +58,6 @@ struct op_params {
     actsparse_context * state = nullptr;
     int il = 0;
     op_kind kind = KIND_FFN;
-    actsparse_act act = ACTSPARSE_ACT_NONE;
 };
 
 std::mutex g_mutex;
@@ -66,7 +65,9 @@ std::map<const llama_model *, std::unique_ptr<sparse_model>> g_models;
 std::map<const ggml_tensor *, weight_ref> g_weights;  // ffn_down / attn_q / attn_output -> layer
 std::map<const llama_context *, std::unique_ptr<actsparse_context>> g_contexts;
 
-}  // namespace
+}  // namespace actsparse_detail
+
+using namespace actsparse_detail;
 
 struct actsparse_context {
     const sparse_model * model = nullptr;
@@ -268,13 +269,16 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
             p.state = st.get();
             p.il = (int) i;
             p.kind = (op_kind) k;
-            p.act = ACTSPARSE_ACT_NONE;  // the graph applies the activation with ggml's own op
             st->params.push_back(p);
             st->by_layer_kind[{ (int) i, k }] = &st->params.back();
         }
     }
     ctx->set_actsparse(idx, st.get());
     return 0;
+}
+
+static int fraction_cell(char * buf, size_t size, double part, double total) {
+    return total > 0 ? std::snprintf(buf, size, "  %9.3f", part / total) : std::snprintf(buf, size, "  %9s", "-");
 }
 
 void actsparse_context_freed(const llama_context * ctx) {
@@ -297,7 +301,7 @@ void actsparse_context_freed(const llama_context * ctx) {
                 const double z = st->stats[il][k].zero, t = st->stats[il][k].total;
                 tz[k] += z;
                 tt[k] += t;
-                n += std::snprintf(line + n, sizeof line - n, t > 0 ? "  %9.3f" : "  %9s", t > 0 ? z / t : 0.0, "-");
+                n += fraction_cell(line + n, sizeof line - n, z, t);
             }
             out += line;
             out += "\n";
@@ -305,7 +309,7 @@ void actsparse_context_freed(const llama_context * ctx) {
         char line[128];
         int n = std::snprintf(line, sizeof line, "  %5s", "all");
         for (int k = 0; k < N_KINDS; ++k) {
-            n += std::snprintf(line + n, sizeof line - n, tt[k] > 0 ? "  %9.3f" : "  %9s", tt[k] > 0 ? tz[k] / tt[k] : 0.0, "-");
+            n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
         }
         out += line;
         out += "\n";
@@ -369,7 +373,10 @@ static const float * thresholds_row(const ggml_tensor * thr, int level) {
     return (const float *) ((const char *) thr->data + (size_t) level * thr->nb[1]);
 }
 
-// Dense-shape op: y = a(x) with sub-threshold entries zeroed, any number of rows (prefill and
+// The ops receive activations already computed by the graph (ggml's silu/gelu), so they only
+// compare magnitudes with the thresholds.
+
+// Dense-shape op: y = x with sub-threshold entries zeroed, any number of rows (prefill and
 // the reference decode path). Rows are split across threads, or a single row's channels.
 static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const op_params * p = (const op_params *) userdata;
@@ -382,7 +389,7 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     int64_t zeros = 0;
     if (nrows == 1) {
         const int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
-        zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, p->act, i0, i1);
+        zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, ACTSPARSE_ACT_NONE, i0, i1);
         counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
         c.zero += (uint64_t) zeros;
         c.total += (uint64_t) (i1 - i0);
@@ -391,7 +398,7 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     for (int64_t r = nrows * ith / nth; r < nrows * (ith + 1) / nth; ++r) {
         const float * xr = (const float *) ((const char *) x->data + r * x->nb[1]);
         float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
-        actsparse_act_mask(xr, yr, t, scalar, p->act, 0, n);
+        actsparse_act_mask(xr, yr, t, scalar, ACTSPARSE_ACT_NONE, 0, n);
     }
 }
 
@@ -405,7 +412,7 @@ static void op_select(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t n = x->ne[0];
     int32_t * out = (int32_t *) dst->data;
     const int64_t k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level),
-                                       thr->ne[0] == 1, p->act, n, out + 1, (float *) (out + 1 + n));
+                                       thr->ne[0] == 1, ACTSPARSE_ACT_NONE, n, out + 1, (float *) (out + 1 + n));
     out[0] = (int32_t) k;
     counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
     c.zero += (uint64_t) (n - k);
