@@ -32,7 +32,8 @@ static inline float fp16_to_fp32(uint16_t h) {
 #endif
 }
 
-float actsparse_apply_act(enum actsparse_act act, float x) {
+// static inline: the exported wrapper below cannot be inlined into the loops (interposition)
+static inline float apply_act(enum actsparse_act act, float x) {
     switch (act) {
         case ACTSPARSE_ACT_SILU: return x / (1.0f + expf(-x));
         case ACTSPARSE_ACT_GELU: {
@@ -43,11 +44,24 @@ float actsparse_apply_act(enum actsparse_act act, float x) {
     }
 }
 
+float actsparse_apply_act(enum actsparse_act act, float x) {
+    return apply_act(act, x);
+}
+
 int64_t actsparse_act_mask(const float * x, float * y, const float * t, bool scalar_t, enum actsparse_act act,
                            int64_t i0, int64_t i1) {
     int64_t zeros = 0;
+    if (act == ACTSPARSE_ACT_NONE) {
+        // the common case (the graph has applied the activation): a loop the compiler vectorises
+        for (int64_t i = i0; i < i1; ++i) {
+            const bool keep = fabsf(x[i]) > (scalar_t ? t[0] : t[i]);
+            y[i] = keep ? x[i] : 0.0f;
+            zeros += !keep;
+        }
+        return zeros;
+    }
     for (int64_t i = i0; i < i1; ++i) {
-        const float a = actsparse_apply_act(act, x[i]);
+        const float a = apply_act(act, x[i]);
         const float ti = scalar_t ? t[0] : t[i];
         const bool keep = fabsf(a) > ti;
         y[i] = keep ? a : 0.0f;
@@ -60,7 +74,7 @@ int64_t actsparse_select(const float * x, const float * t, bool scalar_t, enum a
                          int32_t * idx, float * val) {
     int64_t k = 0;
     for (int64_t i = 0; i < n; ++i) {
-        const float a = actsparse_apply_act(act, x[i]);
+        const float a = apply_act(act, x[i]);
         if (fabsf(a) > (scalar_t ? t[0] : t[i])) {
             idx[k] = (int32_t) i;
             val[k] = a;
