@@ -210,3 +210,20 @@ def test_bad_input(case: str, converted: dict, tmp_path: Path) -> None:
     assert "\n" not in err and "Traceback" not in err, err
     assert err.startswith("error: ") and expected in err, err
     assert {p: sha256_file(p) for p in work.iterdir()} == inputs, "inputs modified or output left behind"
+
+
+def test_nan_weights_are_a_clear_error(small_model_path: Path, tmp_path: Path) -> None:
+    """A model whose weights produce NaN activations is refused with one line, nothing written."""
+    damaged = tmp_path / "damaged.gguf"
+    shutil.copy(small_model_path, damaged)
+    t = next(x for x in GGUFReader(small_model_path).tensors if x.name == "blk.3.ffn_up.weight")
+    with open(damaged, "r+b") as f:  # the first Q4_1 block's scale d (f16) becomes NaN
+        f.seek(t.data_offset)
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    before = sha256_file(damaged)
+    proc = run_converter(damaged, "--calib-tokens", 512)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "\n" not in err and "non-finite activation" in err and "ffn_up-3" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.gguf"]
+    assert sha256_file(damaged) == before

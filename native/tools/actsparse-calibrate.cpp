@@ -151,6 +151,13 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
     const int64_t ne0 = t->ne[0];
     const int64_t nrows = fetch_rows(t, c->buf);
     const float * x = c->buf.data();
+    for (int64_t i = 0; i < ne0 * nrows; ++i) {
+        if (!std::isfinite(x[i])) {
+            c->error = std::string("non-finite activation (NaN or inf) in ") + t->name +
+                       ": the model's weights are damaged or overflow";
+            return false;
+        }
+    }
 
     auto dump = [&](std::vector<float> & dst) {
         if (c->pass != 1 || !c->opt->dump_layers.count(il)) return;
@@ -410,8 +417,9 @@ int main(int argc, char ** argv) {
                 batch.logits[i] = 1;
             }
             llama_memory_clear(llama_get_memory(ctx), true);
-            if (llama_decode(ctx, batch) != 0) die("llama_decode failed");
-            if (!c.error.empty()) die(c.error);
+            const int rc = llama_decode(ctx, batch);
+            if (!c.error.empty()) die(c.error);  // the callback's reason beats decode's status
+            if (rc != 0) die("llama_decode failed (" + std::to_string(rc) + ")");
             std::fprintf(stderr, "progress %d %lld %lld\n", pass, (long long) (w + 1) * o.window,
                          (long long) total_tokens);
             std::fflush(stderr);

@@ -143,7 +143,7 @@ def threshold_tensors(
 def _const(name: str, values: np.ndarray, qtype: GGMLQuantizationType) -> NewTensor:
     values = np.ascontiguousarray(values, dtype=np.float32)
     if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise RuntimeError(f"{name}: non-finite or negative threshold computed")
+        raise UsageError(f"{name}: non-finite or negative threshold computed (damaged statistics)")
     return NewTensor(name, (values.shape[1], values.shape[0]), qtype, lambda: values)
 
 
