@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     models.add_cli(sub)
 
-    from . import demo
+    from . import benchmark, demo
 
     demo.add_cli(sub)
+    benchmark.add_cli(sub)
     return p
 
 

@@ -1,0 +1,226 @@
+"""`actsparse bench`: dense against sparse decode and prefill in one run, next to the
+bytes-per-token ceiling.
+
+Each repeat runs llama-bench once per level (0 = dense first), so the levels interleave
+(A B C A B C ...) and drift on a shared machine hits them alike; the report gives medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import engine, gguf_io
+from .gguf_io import GGUFError
+
+
+@dataclass
+class LevelResult:
+    level: float
+    decode_tps: list[float] = field(default_factory=list)
+    prefill_tps: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    realized: dict[str, float] = field(default_factory=dict)  # ffn, attn_q_in, attn_o_in
+    ceiling: float = 1.0
+
+    @property
+    def decode_median(self) -> float:
+        return statistics.median(self.decode_tps)
+
+    @property
+    def prefill_median(self) -> float:
+        return statistics.median(self.prefill_tps)
+
+
+def weight_bytes_per_token(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0) -> float:
+    """Weight bytes one decode step reads: every matrix it multiplies (the output layer included,
+    token_embd only when it doubles as the output); with sparsity, the active rows of ffn_up and
+    of the transposed copies at their real types."""
+    tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
+    nbytes = {name: t.n_bytes for name, t in tensors.items()}
+    total = 0.0
+    for name, n in nbytes.items():
+        m = re.match(r"blk\.\d+\.(\w+)\.weight$", name)
+        kind = m.group(1) if m else name
+        shape = tensors[name].shape
+        if (
+            not name.endswith(".weight")
+            or kind.endswith("_t")
+            or "norm" in kind
+            or shape.size < 2
+            or int(shape[1]) == 1
+        ):
+            continue
+        if name == "token_embd.weight" and "output.weight" in nbytes:
+            continue  # only gathered
+        copy = {"ffn_down": "ffn_down_t", "attn_q": "attn_q_t", "attn_output": "attn_output_t"}.get(kind)
+        s = {"ffn_up": s_ffn, "ffn_down": s_ffn, "attn_q": s_q, "attn_output": s_o}.get(kind, 0.0)
+        if kind == "ffn_up":
+            total += (1 - s) * n
+        elif copy and s > 0 and name.replace(kind, copy) in nbytes:
+            total += (1 - s) * nbytes[name.replace(kind, copy)]
+        else:
+            total += n
+    return total
+
+
+def _run(cmd: list[str]) -> tuple[str, float]:
+    """Run a command; return its stdout and peak resident memory in MB."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed with exit code {proc.returncode}")
+    return out, usage.ru_maxrss / 1024.0
+
+
+def llama_bench(
+    model: Path, level: float, threads: int, n_prompt: int, n_gen: int
+) -> tuple[float, float, float]:
+    cmd = [str(engine.binary("llama-bench")), "-m", str(model), "-t", str(threads), "--sparse", f"{level:g}",
+           "-p", str(n_prompt), "-n", str(n_gen), "-r", "1", "-o", "json"]  # fmt: skip
+    out, rss = _run(cmd)
+    rows = json.loads(out)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return decode, prefill, rss
+
+
+def realized_sparsity(model: Path, level: float, threads: int) -> dict[str, float]:
+    cmd = [str(engine.binary("llama-completion")), "-m", str(model), "-p", "The history of the city begins",
+           "-n", "64", "-t", str(threads), "--temp", "0", "-no-cnv", "--no-warmup",
+           "--sparse", f"{level:g}", "--sparse-stats"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    line = next((x.split() for x in proc.stderr.splitlines() if x.strip().startswith("all ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError("llama-completion --sparse-stats failed")
+    values = [float(v) if v != "-" else 0.0 for v in line[1:4]]
+    return dict(zip(("ffn", "attn_q_in", "attn_o_in"), values, strict=True))
+
+
+def read_bandwidth_gbs(size_mb: int = 512) -> float:
+    """Single-threaded streaming read bandwidth (numpy sum over a buffer larger than the caches)."""
+    a = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    a.sum()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="dense against sparse decode/prefill speed, next to the ceiling")
+    p.add_argument("model", type=Path, help="a GGUF written by convert_with_thresholds.py")
+    p.add_argument("--levels", default=None, help="comma-separated levels (default: all of the file's)")
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="decode tokens (default 32)")
+    p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.add_argument("--png", type=Path, help="plot decode speed-up against the ceiling")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .sparsity_info import read_sparsity_info
+
+    try:
+        info = read_sparsity_info(args.model)
+        levels = (
+            [round(v, 6) for v in info.levels]
+            if args.levels is None
+            else [float(x) for x in args.levels.split(",")]
+        )
+    except (GGUFError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    unknown = [v for v in levels if not any(abs(v - x) < 1e-4 for x in info.levels)]
+    if unknown:
+        print(f"error: levels {unknown} are not in the file; available: {info.levels}", file=sys.stderr)
+        return 2
+    results = [LevelResult(0.0)] + [LevelResult(v) for v in levels]
+    for _ in range(args.repeats):
+        for r in results:
+            decode, prefill, rss = llama_bench(args.model, r.level, args.threads, args.n_prompt, args.n_gen)
+            r.decode_tps.append(decode)
+            r.prefill_tps.append(prefill)
+            r.peak_rss_mb = max(r.peak_rss_mb, rss)
+            print(f"level {r.level:g}: decode {decode:.2f} t/s, prefill {prefill:.2f} t/s", file=sys.stderr)
+    dense_bytes = weight_bytes_per_token(args.model)
+    for r in results[1:]:
+        r.realized = realized_sparsity(args.model, r.level, args.threads)
+        sparse_bytes = weight_bytes_per_token(args.model, *r.realized.values())
+        r.ceiling = dense_bytes / sparse_bytes
+    report = {
+        "model": str(args.model),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "read_bandwidth_gbs": read_bandwidth_gbs()},
+        "threads": args.threads, "repeats": args.repeats, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+        "dense_weight_bytes_per_token": dense_bytes,
+        "levels": [],
+    }  # fmt: skip
+    dense = results[0]
+    print(f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'prefill t/s':>12} "
+          f"{'x dense':>8} {'peak MB':>8}")  # fmt: skip
+    for r in results:
+        ratio = r.decode_median / dense.decode_median
+        pratio = r.prefill_median / dense.prefill_median
+        print(f"{r.level:6g} {r.decode_median:11.2f} {ratio:8.3f} {r.ceiling:8.3f} {ratio / r.ceiling:6.0%} "
+              f"{r.prefill_median:12.2f} {pratio:8.3f} {r.peak_rss_mb:8.0f}")  # fmt: skip
+        entry = asdict(r) | {
+            "decode_median": r.decode_median,
+            "prefill_median": r.prefill_median,
+            "decode_ratio": ratio,
+            "prefill_ratio": pratio,
+            "efficiency": ratio / r.ceiling,
+        }
+        report["levels"].append(entry)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.png:
+        plot(report, args.png)
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [e["level"] for e in report["levels"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(levels, [e["decode_ratio"] for e in report["levels"]], "o-", label="decode, measured")
+    ax.plot(levels, [e["ceiling"] for e in report["levels"]], "s--", label="bytes-per-token ceiling")
+    ax.plot(levels, [e["prefill_ratio"] for e in report["levels"]], "^:", label="prefill, measured")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("sparsity level")
+    ax.set_ylabel("speed relative to dense")
+    ax.set_title(Path(report["model"]).name, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
