@@ -15,12 +15,13 @@ WORKTREE := work/llama.cpp
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all build venv demo test lint format llama-src patches clean help
+.PHONY: all build venv demo test results lint format llama-src patches clean help
 all: build venv
 
 help:
 	@echo "make demo       build, fetch the default model and run the main job"
 	@echo "make test       build and run the whole test suite"
+	@echo "make results    measure quality and speed on both models and write docs/results.md (hours)"
 	@echo "make build      configure and build llama.cpp + native/ into $(BUILD)/bin"
 	@echo "make venv       project virtual environment in $(VENV)"
 	@echo "make llama-src  lay out the pinned llama.cpp as a git work tree in $(WORKTREE) with patches/ applied"
@@ -38,7 +39,8 @@ $(VENV)/.stamp: pyproject.toml
 	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip
 	# pure-Python binding: it loads our libllama (see actsparse/engine.py), so it compiles nothing
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(VPY) -m pip install -q --disable-pip-version-check --no-cache-dir $(LLAMA_CPP_PYTHON)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# reference: transformers + CPU torch, the scorer's and the runtime's independent check
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev,reference]'
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -48,6 +50,9 @@ demo: build venv
 
 test: build venv
 	$(VPY) -m pytest -ra tests
+
+results: build venv
+	$(VPY) -m actsparse.cli report
 
 lint: venv
 	$(VENV)/bin/ruff check python tests

@@ -29,3 +29,46 @@ def small_model_path() -> Path:
     from actsparse.models import fetch_model
 
     return fetch_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 converted three ways from one short calibration (4096 tokens, saved statistics):
+    chess-attn.gguf (the default), chess.gguf (FFN only) and cats.gguf."""
+    from helpers import run_converter
+
+    out = tmp_path_factory.mktemp("sparse-models")
+    stats = out / "stats.gguf"
+    run_converter(
+        small_model_path,
+        "-o",
+        out / "chess-attn.gguf",
+        "--calib-tokens",
+        4096,
+        "--save-stats",
+        stats,
+        "-q",
+        check=True,
+    )
+    run_converter(
+        small_model_path, "-o", out / "chess.gguf", "--no-attn", "--load-stats", stats, "-q", check=True
+    )
+    run_converter(
+        small_model_path,
+        "-o",
+        out / "cats.gguf",
+        "--method",
+        "cats",
+        "--no-attn",
+        "--load-stats",
+        stats,
+        "-q",
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_sparse_model(small_sparse_dir: Path) -> Path:
+    """SmolLM2 with CHESS + attention thresholds at the default levels (0.3 .. 0.7)."""
+    return small_sparse_dir / "chess-attn.gguf"

@@ -28,6 +28,7 @@ namespace actsparse_detail {
 
 enum op_kind { KIND_FFN = 0, KIND_Q = 1, KIND_O = 2, N_KINDS = 3 };
 const char * const KIND_NAMES[N_KINDS] = { "ffn", "attn_q_in", "attn_o_in" };
+enum phase { PHASE_DECODE = 0, PHASE_PREFILL = 1, N_PHASES = 2 };
 
 struct sparse_layer {
     int il = -1;
@@ -73,7 +74,10 @@ struct actsparse_context {
     const sparse_model * model = nullptr;
     int level = -1;
     bool print_at_exit = false;
-    std::vector<std::unique_ptr<counters[]>> stats;  // per layer, per kind
+    // Zeroed inputs per phase, per layer, per kind. Decode (one-token ubatches) is what the
+    // sparse kernels skip; prefill is counted apart so evaluations over batched text can report
+    // the sparsity they measured under.
+    std::vector<std::unique_ptr<counters[]>> stats[N_PHASES];
     std::deque<op_params> params;                    // stable addresses for op userdata
     std::map<std::pair<int, int>, op_params *> by_layer_kind;
     std::atomic<uint64_t> checked{0};
@@ -261,7 +265,9 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     st->level = idx;
     st->print_at_exit = keep_print;
     const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
-    for (size_t il = 0; il < n_layer; ++il) st->stats.emplace_back(new counters[N_KINDS]);
+    for (auto & phase_stats : st->stats) {
+        for (size_t il = 0; il < n_layer; ++il) phase_stats.emplace_back(new counters[N_KINDS]);
+    }
     for (size_t i = 0; i < sm->layers.size(); ++i) {
         for (int k = 0; k < N_KINDS; ++k) {
             op_params p;
@@ -281,6 +287,65 @@ static int fraction_cell(char * buf, size_t size, double part, double total) {
     return total > 0 ? std::snprintf(buf, size, "  %9.3f", part / total) : std::snprintf(buf, size, "  %9s", "-");
 }
 
+static bool phase_counted(const actsparse_context & st, int ph) {
+    for (const auto & layer : st.stats[ph]) {
+        for (int k = 0; k < N_KINDS; ++k) {
+            if (layer[k].total > 0) return true;
+        }
+    }
+    return false;
+}
+
+static std::string stats_table(const actsparse_context & st, int ph) {
+    std::string out = std::string("actsparse: realized sparsity during ") + (ph == PHASE_DECODE ? "decode" : "prefill") +
+                      (ph == PHASE_DECODE ? " (fraction of inputs skipped)\n" : " (fraction of inputs zeroed by the mask)\n");
+    out += "  layer      ffn  attn_q_in  attn_o_in\n";
+    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+    char line[128];
+    for (size_t il = 0; il < st.stats[ph].size(); ++il) {
+        int n = std::snprintf(line, sizeof line, "  %5zu", il);
+        for (int k = 0; k < N_KINDS; ++k) {
+            const double z = st.stats[ph][il][k].zero, t = st.stats[ph][il][k].total;
+            tz[k] += z;
+            tt[k] += t;
+            n += fraction_cell(line + n, sizeof line - n, z, t);
+        }
+        out += line;
+        out += "\n";
+    }
+    int n = std::snprintf(line, sizeof line, "  %5s", "all");
+    for (int k = 0; k < N_KINDS; ++k) n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
+    out += line;
+    out += "\n";
+    return out;
+}
+
+static std::string ratio_json(double zero, double total) {
+    return total > 0 ? std::to_string(zero / total) : "null";
+}
+
+// {"layers": [{"layer": i, "ffn": f, ...}], "overall": {...}} for one phase.
+static std::string stats_json_members(const actsparse_context * st, int ph) {
+    std::string js = "\"layers\": [";
+    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+    if (st) {
+        for (size_t il = 0; il < st->stats[ph].size(); ++il) {
+            js += il ? ", {" : "{";
+            js += "\"layer\": " + std::to_string(il);
+            for (int k = 0; k < N_KINDS; ++k) {
+                const double z = st->stats[ph][il][k].zero, t = st->stats[ph][il][k].total;
+                tz[k] += z;
+                tt[k] += t;
+                js += std::string(", \"") + KIND_NAMES[k] + "\": " + ratio_json(z, t);
+            }
+            js += "}";
+        }
+    }
+    js += "], \"overall\": {";
+    for (int k = 0; k < N_KINDS; ++k) js += std::string(k ? ", \"" : "\"") + KIND_NAMES[k] + "\": " + ratio_json(tz[k], tt[k]);
+    return js + "}";
+}
+
 void actsparse_context_freed(const llama_context * ctx) {
     std::unique_ptr<actsparse_context> st;
     {
@@ -291,28 +356,9 @@ void actsparse_context_freed(const llama_context * ctx) {
         g_contexts.erase(it);
     }
     if (st->print_at_exit) {
-        std::string out = "actsparse: realized sparsity during decode (fraction of inputs skipped)\n";
-        out += "  layer      ffn  attn_q_in  attn_o_in\n";
-        double tz[N_KINDS] = {}, tt[N_KINDS] = {};
-        for (size_t il = 0; il < st->stats.size(); ++il) {
-            char line[128];
-            int n = std::snprintf(line, sizeof line, "  %5zu", il);
-            for (int k = 0; k < N_KINDS; ++k) {
-                const double z = st->stats[il][k].zero, t = st->stats[il][k].total;
-                tz[k] += z;
-                tt[k] += t;
-                n += fraction_cell(line + n, sizeof line - n, z, t);
-            }
-            out += line;
-            out += "\n";
-        }
-        char line[128];
-        int n = std::snprintf(line, sizeof line, "  %5s", "all");
-        for (int k = 0; k < N_KINDS; ++k) {
-            n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
-        }
-        out += line;
-        out += "\n";
+        // Decode always (the flag's promise); prefill only where batches ran under the mask.
+        std::string out = stats_table(*st, PHASE_DECODE);
+        if (phase_counted(*st, PHASE_PREFILL)) out += stats_table(*st, PHASE_PREFILL);
         std::fputs(out.c_str(), stderr);
     }
 }
@@ -330,31 +376,8 @@ extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
 
 extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size) {
     actsparse_context * st = context_state(ctx);
-    std::string js = "{\"layers\": [";
-    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
-    if (st) {
-        for (size_t il = 0; il < st->stats.size(); ++il) {
-            js += il ? ", {" : "{";
-            js += "\"layer\": " + std::to_string(il);
-            for (int k = 0; k < N_KINDS; ++k) {
-                const double z = st->stats[il][k].zero, t = st->stats[il][k].total;
-                tz[k] += z;
-                tt[k] += t;
-                char item[96];
-                std::snprintf(item, sizeof item, ", \"%s\": %s", KIND_NAMES[k], t > 0 ? std::to_string(z / t).c_str() : "null");
-                js += item;
-            }
-            js += "}";
-        }
-    }
-    js += "], \"overall\": {";
-    for (int k = 0; k < N_KINDS; ++k) {
-        char item[96];
-        std::snprintf(item, sizeof item, "%s\"%s\": %s", k ? ", " : "", KIND_NAMES[k],
-                      tt[k] > 0 ? std::to_string(tz[k] / tt[k]).c_str() : "null");
-        js += item;
-    }
-    js += "}";
+    std::string js = "{" + stats_json_members(st, PHASE_DECODE);
+    js += ", \"prefill\": {" + stats_json_members(st, PHASE_PREFILL) + "}";
     if (st && st->checked > 0) {
         uint32_t bits = st->check_max_rel_err_bits.load();
         float rel;
@@ -390,16 +413,20 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (nrows == 1) {
         const int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
         zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, ACTSPARSE_ACT_NONE, i0, i1);
-        counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
+        counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
         c.zero += (uint64_t) zeros;
         c.total += (uint64_t) (i1 - i0);
         return;
     }
-    for (int64_t r = nrows * ith / nth; r < nrows * (ith + 1) / nth; ++r) {
+    const int64_t r0 = nrows * ith / nth, r1 = nrows * (ith + 1) / nth;
+    for (int64_t r = r0; r < r1; ++r) {
         const float * xr = (const float *) ((const char *) x->data + r * x->nb[1]);
         float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
-        actsparse_act_mask(xr, yr, t, scalar, ACTSPARSE_ACT_NONE, 0, n);
+        zeros += actsparse_act_mask(xr, yr, t, scalar, ACTSPARSE_ACT_NONE, 0, n);
     }
+    counters & c = p->state->stats[PHASE_PREFILL][p->model->layers[p->il].il][p->kind];
+    c.zero += (uint64_t) zeros;
+    c.total += (uint64_t) ((r1 - r0) * n);
 }
 
 // The compact list of active inputs of one token: [count, idx[n], val[n]] as int32/float bits.
@@ -414,7 +441,7 @@ static void op_select(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level),
                                        thr->ne[0] == 1, ACTSPARSE_ACT_NONE, n, out + 1, (float *) (out + 1 + n));
     out[0] = (int32_t) k;
-    counters & c = p->state->stats[p->model->layers[p->il].il][p->kind];
+    counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
     c.zero += (uint64_t) (n - k);
     c.total += (uint64_t) n;
 }

@@ -45,6 +45,8 @@ struct options {
     int         window     = 512;
     int         n_threads  = 2;
     bool        chess      = true;
+    std::string source;         // name and sha256 of the text, recorded so saved statistics
+    std::string source_sha256;  // can be reused by a later conversion without re-reading it
     std::set<int> dump_layers;
     int         dump_tokens = 0;
 };
@@ -222,6 +224,8 @@ void print_usage() {
         "  -c, --window N          tokens per window, each evaluated from an empty cache (default 512)\n"
         "  -t, --threads N         threads (default 2)\n"
         "      --cats-only         skip the second pass (CHESS scores)\n"
+        "      --source NAME       name of the calibration text, stored in the statistics\n"
+        "      --source-sha256 HEX its sha256, stored in the statistics\n"
         "      --dump-layers L,..  also store raw activations of these layers (for tests)\n"
         "      --dump-tokens N     tokens to store per dumped layer (default 0)\n"
         "  -h, --help              this help\n");
@@ -251,6 +255,8 @@ options parse_args(int argc, char ** argv) {
         else if (a == "-c" || a == "--window") o.window = parse_int(a.c_str(), next());
         else if (a == "-t" || a == "--threads") o.n_threads = parse_int(a.c_str(), next());
         else if (a == "--cats-only") o.chess = false;
+        else if (a == "--source") o.source = next();
+        else if (a == "--source-sha256") o.source_sha256 = next();
         else if (a == "--dump-tokens") o.dump_tokens = parse_int(a.c_str(), next());
         else if (a == "--dump-layers") {
             std::stringstream ss(next());
@@ -311,6 +317,8 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     gguf_set_val_u32(g, "actsparse.stats.window", (uint32_t) o.window);
     gguf_set_val_u32(g, "actsparse.stats.n_layer", (uint32_t) c.layers.size());
     gguf_set_val_bool(g, "actsparse.stats.has_scores", o.chess);
+    gguf_set_val_str(g, "actsparse.stats.source", o.source.c_str());
+    gguf_set_val_str(g, "actsparse.stats.source_sha256", o.source_sha256.c_str());
     for (size_t il = 0; il < c.layers.size(); ++il) {
         const layer_stats & L = c.layers[il];
         const std::string p = "blk." + std::to_string(il) + ".";

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -132,6 +133,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info(measure_bandwidth: bool = True) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine()}
+    if measure_bandwidth:
+        info["read_bandwidth_gbs"] = read_bandwidth_gbs()
+    return info
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="dense against sparse decode/prefill speed, next to the ceiling")
     p.add_argument("model", type=Path, help="a GGUF written by convert_with_thresholds.py")
@@ -177,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         r.ceiling = dense_bytes / sparse_bytes
     report = {
         "model": str(args.model),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "read_bandwidth_gbs": read_bandwidth_gbs()},
+        "machine": machine_info(),
         "threads": args.threads, "repeats": args.repeats, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
         "dense_weight_bytes_per_token": dense_bytes,
         "levels": [],
@@ -199,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         }
         report["levels"].append(entry)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        with gguf_io.atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     if args.png:
         plot(report, args.png)
     return 0

@@ -6,6 +6,7 @@ reads the statistics GGUF it writes.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import engine
-from .gguf_io import GGUFError, field_value, open_gguf
+from .gguf_io import GGUFError, atomic_output, field_value, open_gguf
 
 
 class CalibrationError(RuntimeError):
@@ -38,6 +39,9 @@ class CalibrationStats:
     tokens: int
     window: int
     layers: list[LayerStats]
+    has_scores: bool = True  # the CHESS pass ran (CATS needs only the first)
+    source: str = ""  # calibration text name and sha256, as given to the collector
+    source_sha256: str = ""
 
 
 def run_collector(
@@ -49,6 +53,7 @@ def run_collector(
     window: int,
     threads: int,
     chess: bool = True,
+    source: tuple[str, str] = ("", ""),
     dump_layers: tuple[int, ...] = (),
     dump_tokens: int = 0,
     progress: bool = True,
@@ -60,6 +65,8 @@ def run_collector(
     ]  # fmt: skip
     if not chess:
         cmd.append("--cats-only")
+    if source[0]:
+        cmd += ["--source", source[0], "--source-sha256", source[1]]
     if dump_layers:
         cmd += ["--dump-layers", ",".join(map(str, dump_layers)), "--dump-tokens", str(dump_tokens)]
     errors: list[str] = []
@@ -101,6 +108,8 @@ def read_stats(path: Path) -> CalibrationStats:
             return None
         return np.array(t.data, dtype=t.data.dtype).reshape([int(x) for x in reversed(t.shape)])
 
+    if field_value(reader, "actsparse.stats.version") is None:
+        raise CalibrationError(f"{path} is not a statistics file written by actsparse-calibrate")
     n_layer = int(field_value(reader, "actsparse.stats.n_layer"))
     layers = []
     for il in range(n_layer):
@@ -125,6 +134,9 @@ def read_stats(path: Path) -> CalibrationStats:
         tokens=int(field_value(reader, "actsparse.stats.tokens")),
         window=int(field_value(reader, "actsparse.stats.window")),
         layers=layers,
+        has_scores=bool(field_value(reader, "actsparse.stats.has_scores", True)),
+        source=str(field_value(reader, "actsparse.stats.source", "")),
+        source_sha256=str(field_value(reader, "actsparse.stats.source_sha256", "")),
     )
 
 
@@ -132,11 +144,18 @@ def _flat(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a.reshape(-1)
 
 
-def collect(model: Path, text: str, **kwargs: object) -> CalibrationStats:
-    """Run the collector on `text` and return its statistics (temporary files are removed)."""
+def collect(model: Path, text: str, save_to: Path | None = None, **kwargs: object) -> CalibrationStats:
+    """Run the collector on `text` and return its statistics.
+
+    The statistics file is kept at `save_to` (renamed into place only when complete), else removed.
+    """
     with tempfile.TemporaryDirectory(prefix="actsparse-calib-") as tmp:
         text_file = Path(tmp) / "calib.txt"
         text_file.write_text(text, encoding="utf-8")
         out = Path(tmp) / "stats.gguf"
         run_collector(model, text_file, out, **kwargs)  # type: ignore[arg-type]
-        return read_stats(out)
+        stats = read_stats(out)
+        if save_to is not None:
+            with atomic_output(save_to) as dest:
+                shutil.copyfile(out, dest)
+        return stats

@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models.add_cli(sub)
 
-    from . import benchmark, demo
+    from . import benchmark, demo, evaluate, report
 
     demo.add_cli(sub)
+    evaluate.add_cli(sub)
     benchmark.add_cli(sub)
+    report.add_cli(sub)
     return p
 
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `actsparse inspect FILE | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

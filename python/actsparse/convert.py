@@ -36,10 +36,11 @@ class UsageError(ValueError):
 class CalibText:
     name: str
     text: str
+    recorded_sha256: str = ""  # of a text only known through saved statistics
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        return self.recorded_sha256 or hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--transposed-type", choices=transpose.TRANSPOSED_TYPE_CHOICES, default=DEFAULT_TRANSPOSED_TYPE,
         help="type of the transposed copies of a quantized model (default %(default)s; docs/gguf-format.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--save-stats", type=Path, metavar="PATH",
+        help="also keep the calibration statistics (a GGUF) for later conversions with --load-stats",
+    )  # fmt: skip
+    p.add_argument(
+        "--load-stats", type=Path, metavar="PATH",
+        help="use statistics saved by --save-stats from the same model instead of calibrating again "
+        "(another method or level set without re-running the model)",
     )  # fmt: skip
     p.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument(
@@ -103,6 +113,21 @@ def load_calibration_text(path: Path | None) -> CalibText:
 
     corpus = data.calibration_corpus()
     return CalibText(corpus.name, corpus.text)
+
+
+def loaded_stats(path: Path, info: ModelInfo, method: str) -> calibration.CalibrationStats:
+    """Statistics saved by --save-stats, checked against the model they are applied to."""
+    if not path.is_file():
+        raise UsageError(f"statistics file {path} does not exist")
+    stats = calibration.read_stats(path)
+    n_ff = [int(layer.mean_abs_up.shape[0]) for layer in stats.layers]
+    if len(stats.layers) != info.n_layer or any(n != info.n_ff for n in n_ff):
+        raise UsageError(
+            f"statistics {path} were collected on a different model (layers or FFN width differ)"
+        )
+    if method == "chess" and not stats.has_scores:
+        raise UsageError(f"statistics {path} lack the CHESS pass (collected for cats); calibrate again")
+    return stats
 
 
 def choose_default_level(levels: list[float], requested: float | None) -> float:
@@ -183,14 +208,20 @@ def convert(args: argparse.Namespace) -> Path:
         raise UsageError(f"{model} already carries actsparse thresholds; pass --force to re-calibrate it")
     out: Path = args.output or default_output(model)
     check_output(model, out)
-    calib = load_calibration_text(args.calib_file)
     attn = not args.no_attn
 
     t0 = time.perf_counter()
-    stats = calibration.collect(
-        model, calib.text, tokens=args.calib_tokens, window=args.window, threads=args.threads,
-        chess=args.method == "chess", progress=not args.quiet,
-    )  # fmt: skip
+    load_stats: Path | None = getattr(args, "load_stats", None)
+    if load_stats is not None:
+        stats = loaded_stats(load_stats, info, args.method)
+        calib = CalibText(stats.source or load_stats.name, "", stats.source_sha256)
+    else:
+        calib = load_calibration_text(args.calib_file)
+        stats = calibration.collect(
+            model, calib.text, save_to=getattr(args, "save_stats", None), tokens=args.calib_tokens,
+            window=args.window, threads=args.threads, chess=args.method == "chess",
+            source=(calib.name, calib.sha256), progress=not args.quiet,
+        )  # fmt: skip
     t_calib = time.perf_counter() - t0
     if stats.activation != info.activation:
         raise RuntimeError(f"collector used {stats.activation}, the architecture needs {info.activation}")
@@ -221,7 +252,7 @@ def convert(args: argparse.Namespace) -> Path:
         )  # fmt: skip
     t_total = time.perf_counter() - t0
     n_pass = 2 if args.method == "chess" else 1
-    if not args.quiet:
+    if not args.quiet and load_stats is None:
         print(
             f"calibration: {stats.tokens} tokens x {n_pass} passes in {t_calib:.1f} s "
             f"({stats.tokens * n_pass / t_calib:.0f} tok/s); total {t_total:.1f} s",

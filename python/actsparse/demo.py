@@ -43,35 +43,23 @@ def generate(
     return Generation(text=proc.stdout.strip(), decode_tps=float(m.group(1)) if m else float("nan"))
 
 
-def kl_divergence(
-    model: Path, text: str, threads: int, level_flag: list[str], ctx: int = 256, chunks: int = 8
-) -> float:
-    """Mean KL divergence of the sparse model against the dense one on `text` (llama-perplexity)."""
-    ppl = str(engine.binary("llama-perplexity"))
+def kl_divergence(model: Path, text: str, threads: int, ctx: int = 256, chunks: int = 8) -> dict:
+    """Text metrics of the default level against dense on `text` (see actsparse.evaluate)."""
+    from .evaluate import dense_text_metrics, sparse_text_metrics
+    from .sparsity_info import read_sparsity_info
+
+    level = read_sparsity_info(model).default_level
     with tempfile.TemporaryDirectory(prefix="actsparse-demo-") as tmp:
         text_file, base = Path(tmp) / "heldout.txt", Path(tmp) / "dense.kld"
         text_file.write_text(text)
-        common = [
-            "-m",
-            str(model),
-            "-f",
-            str(text_file),
-            "-c",
-            str(ctx),
-            "--chunks",
-            str(chunks),
-            "-t",
-            str(threads),
-        ]
-        subprocess.run([ppl, *common, "--kl-divergence-base", str(base)], capture_output=True, check=True)
-        out = subprocess.run(
-            [ppl, *common, "--kl-divergence-base", str(base), "--kl-divergence", *level_flag],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    m = re.search(r"Mean\s+KLD:\s+([-\d.]+)", out)
-    return float(m.group(1)) if m else float("nan")
+        dense = dense_text_metrics(model, text_file, base, ctx, chunks, threads)
+        sparse, realized = sparse_text_metrics(model, level, text_file, base, ctx, chunks, threads)
+    return {
+        "level": level,
+        "dense_ppl": dense["ppl"],
+        **sparse,
+        "realized_ffn": realized["overall"].get("ffn"),
+    }
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -117,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
         f"sparse {sparse.decode_tps:.1f} t/s (x{sparse.decode_tps / dense.decode_tps:.2f})"
     )
     print("== KL divergence of sparse against dense on held-out text (LAMBADA, 8 x 256 tokens)", flush=True)
-    kld = kl_divergence(sparse_path, heldout_corpus().text[:200_000], args.threads, ["--sparse"])
-    print(f"mean KLD: {kld:.4f}")
+    m = kl_divergence(sparse_path, heldout_corpus().text[:200_000], args.threads)
+    print(
+        f"level {m['level']:g} (realized FFN sparsity {m['realized_ffn']:.3f}): "
+        f"mean KLD {m['kld_mean']:.4f}, "
+        f"99% KLD {m['kld_p99']:.4f}, same top token {100 * m['same_top']:.1f}%, "
+        f"perplexity {m['dense_ppl']:.2f} -> {m['ppl']:.2f}"
+    )
     return 0
 
 

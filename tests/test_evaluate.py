@@ -1,0 +1,178 @@
+"""`actsparse eval`: text metrics against dense, realized sparsity, outputs, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from actsparse.evaluate import parse_sparsity_table, summarize
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def text_report(small_sparse_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("eval")
+    models = [small_sparse_dir / n for n in ("chess-attn.gguf", "chess.gguf", "cats.gguf")]
+    proc = run_cli(
+        "eval",
+        *models,
+        "--levels",
+        "0.3,0.6",
+        "--tasks",
+        "none",
+        "--ctx",
+        "128",
+        "--chunks",
+        "4",
+        "--json",
+        out / "r.json",
+        "--markdown",
+        out / "r.md",
+        "--png",
+        out / "r.png",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "r.json").read_text())
+    report["_md"] = (out / "r.md").read_text()
+    report["_png"] = (out / "r.png").read_bytes()
+    return report
+
+
+def test_eval_runs_dense_once_and_every_method_level(text_report: dict) -> None:
+    runs = text_report["runs"]
+    assert runs[0]["label"] == "dense" and runs[0]["level"] == 0
+    assert [(r["label"], r["level"]) for r in runs[1:]] == [
+        (label, level) for label in ("CHESS+attn", "CHESS", "CATS") for level in (0.3, 0.6)
+    ]
+    assert text_report["heldout"]["corpus"] == "lambada"
+
+
+def test_eval_kl_divergence_grows_with_sparsity(text_report: dict) -> None:
+    by = {(r["label"], r["level"]): r["text"] for r in text_report["runs"][1:]}
+    dense_ppl = text_report["runs"][0]["text"]["ppl"]
+    for label in ("CHESS+attn", "CHESS", "CATS"):
+        low, high = by[(label, 0.3)], by[(label, 0.6)]
+        assert 0 < low["kld_mean"] < high["kld_mean"]
+        assert low["kld_mean"] <= low["kld_p99"]
+        assert 1.0 >= low["same_top"] > high["same_top"] > 0.0
+        assert high["ppl"] > dense_ppl
+    # Attention thresholds remove information too: CHESS with them diverges more than without.
+    assert by[("CHESS+attn", 0.6)]["kld_mean"] > by[("CHESS", 0.6)]["kld_mean"]
+
+
+def test_eval_reports_realized_sparsity_near_target(text_report: dict) -> None:
+    for r in text_report["runs"][1:]:
+        overall = r["realized"]["overall"]
+        # Held-out text differs from the 4096 calibration tokens; per-level accuracy is checked
+        # with a full calibration in test_convert.py.
+        assert abs(overall["ffn"] - r["level"]) < 0.06, (r["label"], r["level"], overall)
+        if r["label"] == "CHESS+attn":
+            assert abs(overall["attn_q_in"] - r["level"]) < 0.08
+            assert abs(overall["attn_o_in"] - r["level"]) < 0.08
+        else:
+            assert overall["attn_q_in"] is None and overall["attn_o_in"] is None
+        assert len(r["realized"]["layers"]) == 30
+
+
+def test_eval_writes_markdown_png_and_claims(text_report: dict) -> None:
+    md = text_report["_md"]
+    assert "| CATS | 0.6 |" in md and "| dense | 0 |" in md
+    assert text_report["_png"].startswith(b"\x89PNG\r\n\x1a\n")
+    claims = text_report["summary"]["chess_vs_cats"]
+    assert [c["level"] for c in claims] == [0.3, 0.6]
+    for c in claims:
+        assert c["holds"] == (c["chess"] <= c["cats"])
+
+
+def test_summarize_recomputes_differences_to_dense() -> None:
+    report = {
+        "runs": [
+            {"label": "dense", "level": 0.0, "text": {"ppl": 10.0}, "tasks": {"average": {"acc": 0.5}}},
+            {
+                "label": "CHESS",
+                "level": 0.5,
+                "text": {"ppl": 11.0, "kld_mean": 0.1},
+                "tasks": {"average": {"acc": 0.45}},
+            },
+            {"label": "CATS", "level": 0.5, "text": {"ppl": 12.0, "kld_mean": 0.05}, "tasks": {}},
+        ]
+    }
+    s = summarize(report)
+    chess = s["vs_dense"][0]
+    assert chess["ppl_increase"] == pytest.approx(0.1) and chess["avg_acc_drop_points"] == pytest.approx(5.0)
+    assert "avg_acc_drop_points" not in s["vs_dense"][1]
+    assert s["chess_vs_cats"] == [
+        {"claim": "CHESS KLD <= CATS KLD", "level": 0.5, "chess": 0.1, "cats": 0.05, "holds": False}
+    ]
+
+
+def test_parse_sparsity_table_reads_the_runtime_format() -> None:
+    stderr = (
+        "noise\nactsparse: realized sparsity during prefill (fraction of inputs zeroed by the mask)\n"
+        "  layer      ffn  attn_q_in  attn_o_in\n      0      0.520      0.497          -\n"
+        "    all      0.498      0.506          -\nafter\n"
+    )
+    t = parse_sparsity_table(stderr, "prefill")
+    assert t["layers"] == [{"layer": 0, "ffn": 0.52, "attn_q_in": 0.497, "attn_o_in": None}]
+    assert t["overall"] == {"ffn": 0.498, "attn_q_in": 0.506, "attn_o_in": None}
+
+
+def test_eval_refuses_a_model_without_thresholds(small_model_path: Path, tmp_path: Path) -> None:
+    proc = run_cli("eval", small_model_path, "--tasks", "none", "--json", tmp_path / "r.json")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "convert_with_thresholds.py" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_dense_only_measures_a_plain_model(small_model_path: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "eval",
+        small_model_path,
+        "--dense-only",
+        "--tasks",
+        "none",
+        "--ctx",
+        "128",
+        "--chunks",
+        "2",
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["label"] == "dense" and runs[0]["text"]["ppl"] > 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "arc_easy,nosuchtask"], "known: arc_easy"),
+        (["--levels", "0.45"], "available: 0.3, 0.4, 0.5, 0.6, 0.7"),
+        (["--levels", "1.5"], "(0, 1)"),
+    ],
+)
+def test_eval_bad_arguments_get_one_line(
+    small_sparse_model: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = run_cli("eval", small_sparse_model, *args, "--json", tmp_path / "r.json")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_failure_leaves_no_report(small_sparse_model: Path, tmp_path: Path) -> None:
+    # A model file that vanishes mid-run stands in for any failed measurement: the engine
+    # fails, the command exits non-zero and no report file appears.
+    model = tmp_path / "m.gguf"
+    shutil.copyfile(small_sparse_model, model)
+    with open(model, "r+b") as f:  # keep the header valid, cut the tensor data
+        f.truncate(model.stat().st_size // 2)
+    proc = run_cli(
+        "eval", model, "--tasks", "none", "--ctx", "128", "--chunks", "2", "--json", tmp_path / "r.json"
+    )
+    assert proc.returncode != 0
+    assert len([x for x in proc.stderr.splitlines() if x.startswith("error:")]) == 1
+    assert not (tmp_path / "r.json").exists()
