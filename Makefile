@@ -15,12 +15,13 @@ WORKTREE := work/llama.cpp
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all build venv demo test results lint format llama-src patches clean help
+.PHONY: all build venv demo test test-neon results lint format llama-src patches clean help
 all: build venv
 
 help:
 	@echo "make demo       build, fetch the default model and run the main job"
 	@echo "make test       build and run the whole test suite"
+	@echo "make test-neon  cross-compile the kernel tests for aarch64 (NEON) and run them under qemu-user"
 	@echo "make results    measure quality and speed on both models and write docs/results.md (hours)"
 	@echo "make build      configure and build llama.cpp + native/ into $(BUILD)/bin"
 	@echo "make venv       project virtual environment in $(VENV)"
@@ -50,6 +51,9 @@ demo: build venv
 
 test: build venv
 	$(VPY) -m pytest -ra tests
+
+test-neon:
+	JOBS=$(JOBS) scripts/test-neon.sh
 
 results: build venv
 	$(VPY) -m actsparse.cli report

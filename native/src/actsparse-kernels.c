@@ -48,10 +48,44 @@ float actsparse_apply_act(enum actsparse_act act, float x) {
     return apply_act(act, x);
 }
 
+const char * actsparse_kernels_simd(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    // ggml's vec_dot (rows_dot) uses these when the CPU backend is built with them
+#if defined(__ARM_FEATURE_DOTPROD)
+    return "neon+dotprod";
+#else
+    return "neon";
+#endif
+#else
+    return "scalar";
+#endif
+}
+
 int64_t actsparse_act_mask(const float * x, float * y, const float * t, bool scalar_t, enum actsparse_act act,
                            int64_t i0, int64_t i1) {
     int64_t zeros = 0;
     if (act == ACTSPARSE_ACT_NONE) {
+#if defined(__ARM_NEON) && defined(__aarch64__)
+        // Explicit, so that the mask does not hinge on each compiler's cost model for the counting
+        // loop below. A true compare is all ones: subtracting it counts the kept lanes.
+        const float32x4_t ts = vld1q_dup_f32(t);
+        uint32x4_t kept0 = vdupq_n_u32(0), kept1 = vdupq_n_u32(0);
+        const int64_t start = i0;
+        for (; i0 + 8 <= i1; i0 += 8) {
+            const float32x4_t x0 = vld1q_f32(x + i0), x1 = vld1q_f32(x + i0 + 4);
+            const uint32x4_t k0 = vcgtq_f32(vabsq_f32(x0), scalar_t ? ts : vld1q_f32(t + i0));
+            const uint32x4_t k1 = vcgtq_f32(vabsq_f32(x1), scalar_t ? ts : vld1q_f32(t + i0 + 4));
+            vst1q_f32(y + i0, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(x0), k0)));
+            vst1q_f32(y + i0 + 4, vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(x1), k1)));
+            kept0 = vsubq_u32(kept0, k0);
+            kept1 = vsubq_u32(kept1, k1);
+        }
+        zeros = (i0 - start) - (int64_t) (vaddlvq_u32(kept0) + vaddlvq_u32(kept1));
+#endif
         // the common case (the graph has applied the activation): a loop the compiler vectorises
         for (int64_t i = i0; i < i1; ++i) {
             const bool keep = fabsf(x[i]) > (scalar_t ? t[0] : t[i]);
@@ -73,7 +107,28 @@ int64_t actsparse_act_mask(const float * x, float * y, const float * t, bool sca
 int64_t actsparse_select(const float * x, const float * t, bool scalar_t, enum actsparse_act act, int64_t n,
                          int32_t * idx, float * val) {
     int64_t k = 0;
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+#if defined(__ARM_NEON) && defined(__aarch64__)
+    if (act == ACTSPARSE_ACT_NONE) {
+        // At useful sparsity most groups of four have no active entry, and one compare rejects
+        // them. Active lanes are appended without branches: idx[k] is written for every lane and
+        // kept only by advancing k, which stays <= i + l, so the writes stay inside the n entries.
+        const float32x4_t ts = vld1q_dup_f32(t);
+        for (; i + 4 <= n; i += 4) {
+            const float32x4_t xv = vld1q_f32(x + i);
+            const uint32x4_t keep = vcgtq_f32(vabsq_f32(xv), scalar_t ? ts : vld1q_f32(t + i));
+            if (vmaxvq_u32(keep) == 0) continue;
+            uint32_t m[4];
+            vst1q_u32(m, keep);
+            for (int l = 0; l < 4; ++l) {
+                idx[k] = (int32_t) (i + l);
+                val[k] = x[i + l];
+                k += m[l] & 1;
+            }
+        }
+    }
+#endif
+    for (; i < n; ++i) {
         const float a = apply_act(act, x[i]);
         if (fabsf(a) > (scalar_t ? t[0] : t[i])) {
             idx[k] = (int32_t) i;
@@ -159,12 +214,38 @@ static void axpy_f16(const ggml_fp16_t * w, float v, float * y, int64_t n) {
         const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (w + c)));
         _mm256_storeu_ps(y + c, _mm256_fmadd_ps(s, wf, _mm256_loadu_ps(y + c)));
     }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    // fcvtl is base AArch64: no +fp16 needed for the widening
+    const float32x4_t s = vdupq_n_f32(v);
+    for (; c + 8 <= n; c += 8) {
+        const float16x8_t h = vreinterpretq_f16_u16(vld1q_u16((const uint16_t *) (w + c)));
+        vst1q_f32(y + c, vfmaq_f32(vld1q_f32(y + c), s, vcvt_f32_f16(vget_low_f16(h))));
+        vst1q_f32(y + c + 4, vfmaq_f32(vld1q_f32(y + c + 4), s, vcvt_high_f32_f16(h)));
+    }
 #endif
     for (; c < n; ++c) y[c] += v * fp16_to_fp32(w[c]);
 }
 
-static void axpy_bf16(const ggml_bf16_t * w, float v, float * y, int64_t n) {
+static void axpy_bf16_ref(const ggml_bf16_t * w, float v, float * y, int64_t n) {
     for (int64_t c = 0; c < n; ++c) y[c] += v * ggml_bf16_to_fp32(w[c]);
+}
+
+static void axpy_bf16(const ggml_bf16_t * w, float v, float * y, int64_t n) {
+#if defined(__ARM_NEON) && defined(__aarch64__)
+    // bf16 is the upper half of an f32, so the widening shift is the exact conversion
+    const float32x4_t s = vdupq_n_f32(v);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const uint16x8_t b = vld1q_u16((const uint16_t *) (w + c));
+        const float32x4_t lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
+        const float32x4_t hi = vreinterpretq_f32_u32(vshll_high_n_u16(b, 16));
+        vst1q_f32(y + c, vfmaq_f32(vld1q_f32(y + c), s, lo));
+        vst1q_f32(y + c + 4, vfmaq_f32(vld1q_f32(y + c + 4), s, hi));
+    }
+    axpy_bf16_ref(w + c, v, y + c, n - c);
+#else
+    axpy_bf16_ref(w, v, y, n);
+#endif
 }
 
 // Any other type: dequantize the row's column range with ggml's reference routine, then accumulate.
@@ -190,7 +271,9 @@ static void axpy_range(enum ggml_type type, const void * row, float v, float * y
                 axpy_f16((const ggml_fp16_t *) row + c0, v, y + c0, c1 - c0);
             }
             break;
-        case GGML_TYPE_BF16: axpy_bf16((const ggml_bf16_t *) row + c0, v, y + c0, c1 - c0); break;
+        case GGML_TYPE_BF16:
+            (reference ? axpy_bf16_ref : axpy_bf16)((const ggml_bf16_t *) row + c0, v, y + c0, c1 - c0);
+            break;
         case GGML_TYPE_Q8_0:
             (reference ? axpy_q8_0_ref : axpy_q8_0)((const block_q8_0_t *) row + c0 / QK8_0, v, y + c0, c1 - c0);
             break;
@@ -237,6 +320,35 @@ static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const
             }
             for (int l = 0; l < 4; ++l) _mm256_storeu_ps(yj + 8 * l, a[l]);
 #endif
+        }
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (; k + 4 <= n; k += 4) {
+        const block_q8_0_t * r[4];
+        const block_q8_0_t * next[4];  // rows are gathered by index: prefetch the next four
+        for (int i = 0; i < 4; ++i) {
+            r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
+            next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + 4 + i < n ? k + 4 + i : k + i] * rb);
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+            float * yj = y + j * QK8_0;
+            for (int i = 0; i < 4; ++i) __builtin_prefetch(next[i] + j);
+            // the whole y block (32 floats) stays in eight registers across the four rows
+            float32x4_t a[8];
+            for (int l = 0; l < 8; ++l) a[l] = vld1q_f32(yj + 4 * l);
+            for (int i = 0; i < 4; ++i) {
+                const float32x4_t s = vdupq_n_f32(val[k + i] * fp16_to_fp32(r[i][j].d));
+                for (int h = 0; h < 2; ++h) {
+                    const int8x16_t q = vld1q_s8(r[i][j].qs + 16 * h);
+                    const int16x8_t q0 = vmovl_s8(vget_low_s8(q)), q1 = vmovl_high_s8(q);
+                    float32x4_t * ah = a + 4 * h;
+                    ah[0] = vfmaq_f32(ah[0], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
+                    ah[1] = vfmaq_f32(ah[1], s, vcvtq_f32_s32(vmovl_high_s16(q0)));
+                    ah[2] = vfmaq_f32(ah[2], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
+                    ah[3] = vfmaq_f32(ah[3], s, vcvtq_f32_s32(vmovl_high_s16(q1)));
+                }
+            }
+            for (int l = 0; l < 8; ++l) vst1q_f32(yj + 4 * l, a[l]);
         }
     }
 #endif

@@ -151,11 +151,13 @@ static void test_rows_dot(ggml_type type, int64_t nrows, int64_t ncols, std::mt1
     ggml_free(ctx);
 }
 
-static void test_mask_and_select(std::mt19937 & rng) {
+// tscale 10: about 87% of entries inactive, so the SIMD select also skips whole groups
+static void test_mask_and_select(std::mt19937 & rng, float tscale) {
+    const std::string ts = " tscale " + std::to_string((int) tscale);
     for (int act = 0; act < 3; ++act) {
         const int64_t n = 1537;
         const auto x = random_vec(rng, n, 2.0f);
-        const auto t = random_vec(rng, n, 0.3f);
+        const auto t = random_vec(rng, n, tscale);
         std::vector<float> ta(n);
         for (int64_t i = 0; i < n; ++i) ta[i] = std::fabs(t[i]);
         for (int scalar = 0; scalar < 2; ++scalar) {
@@ -177,7 +179,7 @@ static void test_mask_and_select(std::mt19937 & rng) {
                     ok &= y[i] == want;
                 }
                 check(ok && z == zref, "act_mask act " + std::to_string(act) + " scalar " + std::to_string(scalar) +
-                      " threads " + std::to_string(nth));
+                      " threads " + std::to_string(nth) + ts);
             }
             std::vector<int32_t> idx(n);
             std::vector<float> val(n);
@@ -191,15 +193,17 @@ static void test_mask_and_select(std::mt19937 & rng) {
                     ++j;
                 }
             }
-            check(ok && j == k, "select act " + std::to_string(act) + " scalar " + std::to_string(scalar));
+            check(ok && j == k, "select act " + std::to_string(act) + " scalar " + std::to_string(scalar) + ts);
         }
     }
 }
 
 int main() {
     ggml_cpu_init();
+    std::printf("kernels: %s\n", actsparse_kernels_simd());
     std::mt19937 rng(42);
-    test_mask_and_select(rng);
+    test_mask_and_select(rng, 0.3f);
+    test_mask_and_select(rng, 10.0f);
     const ggml_type block32[] = { GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1,
                                   GGML_TYPE_IQ4_NL };
     const ggml_type block256[] = { GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K };
