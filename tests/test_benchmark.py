@@ -28,16 +28,28 @@ def test_weight_bytes_follow_the_definition(sparse_model: Path) -> None:
     output = t.get("output.weight", t["token_embd.weight"])  # SmolLM2 ties the output to token_embd
     dense = sum(per_layer.values()) + output
     assert weight_bytes_per_token(sparse_model) == pytest.approx(dense)
-    copies = {k: sum(n for name, n in t.items() if name.endswith(f".{k}_t.weight")) for k in kinds}
-    s_ffn, s_q, s_o = 0.5, 0.4, 0.3
-    sparse = (
-        dense
-        - per_layer["ffn_up"] * s_ffn
-        - per_layer["ffn_down"] + (1 - s_ffn) * copies["ffn_down"]
-        - per_layer["attn_q"] + (1 - s_q) * copies["attn_q"]
-        - per_layer["attn_output"] + (1 - s_o) * copies["attn_output"]
-    )  # fmt: skip
-    assert weight_bytes_per_token(sparse_model, s_ffn, s_q, s_o) == pytest.approx(sparse)
+    # Realized sparsity per kind; the target level decides, per tensor, whether the runtime reads the
+    # transposed copy ((1 - level) of its bytes at most 0.8 of the original's) or the original.
+    realized = {"ffn_up": 0.72, "ffn_down": 0.72, "attn_q": 0.66, "attn_output": 0.3}
+    for level in (0.7, 0.3):
+        expected = dense
+        for name, n in t.items():
+            kind = name.split(".")[2] if name.startswith("blk.") else ""
+            s = realized.get(kind)
+            if s is None or not name.endswith(".weight"):
+                continue
+            if kind == "ffn_up":
+                expected -= s * n
+                continue
+            copy = t[name.replace(f".{kind}.", f".{kind}_t.")]
+            if (1 - level) * copy <= 0.8 * n:
+                expected += (1 - s) * copy - n
+        got = weight_bytes_per_token(sparse_model, 0.72, 0.66, 0.3, level=level)
+        assert got == pytest.approx(expected), level
+    # At 0.7 the Q8_0 copies of this Q4_1 model are read; at 0.3 only the up rows shrink.
+    assert weight_bytes_per_token(sparse_model, 0.72, 0.66, 0.3, level=0.7) < weight_bytes_per_token(
+        sparse_model, 0.72, 0.66, 0.3, level=0.3
+    )
 
 
 def test_bench_reports_json_and_png(sparse_model: Path, tmp_path: Path) -> None:

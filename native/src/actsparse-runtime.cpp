@@ -487,6 +487,19 @@ static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
     actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, s[0], (float *) dst->data, c0, c1);
 }
 
+// Compact h_k back to its channels (zero elsewhere), for a dense product with the original.
+static void op_scatter(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    (void) userdata;
+    if (ith != 0) return;  // a few thousand stores
+    const ggml_tensor * sel = dst->src[0];
+    const float * h = (const float *) dst->src[1]->data;
+    const int32_t * s = (const int32_t *) sel->data;
+    float * y = (float *) dst->data;
+    std::memset(y, 0, ggml_nbytes(dst));
+    for (int32_t k = 0; k < s[0]; ++k) y[s[1 + k]] = h[k];
+}
+
 // ACTSPARSE_CHECK_DECODE=1: every sparse decode product is also computed densely from the same
 // masked input, and the largest relative difference is kept in the statistics (tests use it).
 static bool check_decode() {
@@ -534,11 +547,39 @@ static bool plain_cpu_weight(const ggml_tensor * w) {
     return std::strcmp(name, "CPU") == 0 || std::strcmp(name, "CPU_Mapped") == 0;
 }
 
-// ACTSPARSE_DENSE_DECODE=1 computes decode like prefill (dense products of masked inputs): the
-// reference that the sparse kernels are compared with.
+enum decode_kernels { DECODE_KERNELS_AUTO, DECODE_KERNELS_ALL, DECODE_KERNELS_NONE };
+
+// ACTSPARSE_DECODE_KERNELS: "auto" (default), "all" (every sparse product through the input-sparse
+// kernels; the kernel tests use it) or "none" (decode computed like prefill, dense products of
+// masked inputs: the reference the kernels are compared with).
+static decode_kernels decode_kernels_mode() {
+    static const decode_kernels mode = [] {
+        const char * v = std::getenv("ACTSPARSE_DECODE_KERNELS");
+        if (!v || !*v || std::strcmp(v, "auto") == 0) return DECODE_KERNELS_AUTO;
+        if (std::strcmp(v, "all") == 0) return DECODE_KERNELS_ALL;
+        if (std::strcmp(v, "none") == 0) return DECODE_KERNELS_NONE;
+        std::fprintf(stderr, "actsparse: ACTSPARSE_DECODE_KERNELS=%s is not auto, all or none; using auto\n", v);
+        return DECODE_KERNELS_AUTO;
+    }();
+    return mode;
+}
+
 static bool decode_kernels_enabled() {
-    static const bool enabled = std::getenv("ACTSPARSE_DENSE_DECODE") == nullptr;
-    return enabled;
+    return decode_kernels_mode() != DECODE_KERNELS_NONE;
+}
+
+// An input-sparse product reads (1 - s) of the transposed copy where the dense one reads the whole
+// original. The copy can be a wider type (Q8_0 beside Q4 originals) and its float accumulate
+// costs more per byte than ggml's integer mat-vec, so in "auto" the kernel runs only where it
+// reads at most SPARSE_BYTES_MARGIN of the original's bytes at the level's target sparsity;
+// elsewhere the original multiplies the masked input (the same function, computed densely).
+// python/actsparse/benchmark.py applies the same rule to the bytes-per-token ceiling.
+static constexpr double SPARSE_BYTES_MARGIN = 0.8;
+
+static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, const actsparse_context * st) {
+    if (decode_kernels_mode() == DECODE_KERNELS_ALL) return true;
+    const double s = st->model->levels[st->level];
+    return (1.0 - s) * (double) ggml_nbytes(wt) <= SPARSE_BYTES_MARGIN * (double) ggml_nbytes(w);
 }
 
 static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, op_params *& p,
@@ -575,6 +616,12 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
         ggml_tensor * h = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_ff, 1, 1, 1, srcs_up, 3, op_up_rows,
                                          GGML_N_TASKS_MAX, p);
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
+        if (!sparse_kernel_pays(down, wt, st)) {
+            ggml_tensor * srcs_scatter[] = { sel, h };
+            ggml_tensor * hd = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_ff, 1, 1, 1, srcs_scatter, 2, op_scatter,
+                                              GGML_N_TASKS_MAX, p);
+            return ggml_mul_mat(ctx0, down, hd);
+        }
         ggml_tensor * srcs_down[] = { wt, sel, h };
         ggml_tensor * y = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs_down, 3, op_axpy,
                                          GGML_N_TASKS_MAX, p);
@@ -603,7 +650,7 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
     if (!lookup(w, st, kind, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
-    if (ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt)) {
+    if (ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
         const int64_t n = cur->ne[0];
         ggml_tensor * srcs_sel[] = { cur, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,

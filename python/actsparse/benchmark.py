@@ -44,10 +44,19 @@ class LevelResult:
         return statistics.median(self.prefill_tps)
 
 
-def weight_bytes_per_token(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0) -> float:
+# The runtime's rule (native/src/actsparse-runtime.cpp, sparse_kernel_pays): a transposed copy is
+# read only where (1 - target level) of its bytes is at most this share of the original's bytes;
+# elsewhere decode multiplies the original by the masked input.
+SPARSE_BYTES_MARGIN = 0.8
+
+
+def weight_bytes_per_token(
+    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
+) -> float:
     """Weight bytes one decode step reads: every matrix it multiplies (the output layer included,
-    token_embd only when it doubles as the output); with sparsity, the active rows of ffn_up and
-    of the transposed copies at their real types."""
+    token_embd only when it doubles as the output); with sparsity (realized s_*, at target `level`),
+    the active rows of ffn_up, and of each transposed copy the runtime chooses to read, at its
+    real type."""
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
     nbytes = {name: t.n_bytes for name, t in tensors.items()}
     total = 0.0
@@ -66,11 +75,13 @@ def weight_bytes_per_token(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o
         if name == "token_embd.weight" and "output.weight" in nbytes:
             continue  # only gathered
         copy = {"ffn_down": "ffn_down_t", "attn_q": "attn_q_t", "attn_output": "attn_output_t"}.get(kind)
+        copy_bytes = nbytes.get(name.replace(kind, copy)) if copy else None
         s = {"ffn_up": s_ffn, "ffn_down": s_ffn, "attn_q": s_q, "attn_output": s_o}.get(kind, 0.0)
+        target = s if level is None else level
         if kind == "ffn_up":
             total += (1 - s) * n
-        elif copy and s > 0 and name.replace(kind, copy) in nbytes:
-            total += (1 - s) * nbytes[name.replace(kind, copy)]
+        elif copy_bytes and s > 0 and (1 - target) * copy_bytes <= SPARSE_BYTES_MARGIN * n:
+            total += (1 - s) * copy_bytes
         else:
             total += n
     return total
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     dense_bytes = weight_bytes_per_token(args.model)
     for r in results[1:]:
         r.realized = realized_sparsity(args.model, r.level, args.threads)
-        sparse_bytes = weight_bytes_per_token(args.model, *r.realized.values())
+        sparse_bytes = weight_bytes_per_token(args.model, *r.realized.values(), level=r.level)
         r.ceiling = dense_bytes / sparse_bytes
     report = {
         "model": str(args.model),
