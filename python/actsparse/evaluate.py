@@ -200,12 +200,14 @@ def task_scores(
     """Scores of the tasks at each level (0 = dense) with one loaded model."""
     from . import runtime, zeroshot
 
-    llm = runtime.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = runtime.Llama(str(model), n_ctx=zeroshot.DEFAULT_N_CTX, n_threads=threads, n_threads_batch=threads,
+                        verbose=False)  # fmt: skip
     results = {}
     try:
         for level in levels:
-            runtime.enable_sparse(llm, level if level > 0 else None)
-            results[level] = zeroshot.score_tasks(llm, tasks, limit=limit, progress=True)
+            results[level] = zeroshot.score_tasks(
+                llm, tasks, limit=limit, progress=True, sparse=level or None
+            )
     finally:
         llm.close()
     return results
