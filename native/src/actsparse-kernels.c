@@ -281,48 +281,61 @@ static void axpy_range(enum ggml_type type, const void * row, float v, float * y
     }
 }
 
-// Q8_0 over many rows: four rows at a time stream through the thread's column range, so each y
-// block is loaded and stored once per four rows and every row is read contiguously.
-static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const float * val, int64_t n,
-                           float * y, int64_t c0, int64_t c1) {
-    const int64_t j0 = c0 / QK8_0, j1 = c1 / QK8_0;
-    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
-    int64_t k = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-    for (; k + 4 <= n; k += 4) {
-        const block_q8_0_t * r[4];
-        const block_q8_0_t * next[4];  // rows are gathered by index: prefetch the next four
-        for (int i = 0; i < 4; ++i) {
-            r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
-            next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + 4 + i < n ? k + 4 + i : k + i] * rb);
-        }
-        for (int64_t j = j0; j < j1; ++j) {
-            float * yj = y + j * QK8_0;
-            for (int i = 0; i < 4; ++i) __builtin_prefetch(next[i] + j);
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || (defined(__ARM_NEON) && defined(__aarch64__))
+#define ACTSPARSE_Q8_0_FOUR_ROWS 1
+// yj[0:32] += sum_i s[i] * q_i[0:32]: one Q8_0 block of four rows, the 32 outputs held in
+// registers across the rows.
+static inline void q8_0_block_four_rows(float * yj, const block_q8_0_t * const b[4], const float s[4]) {
 #if defined(__AVX512F__)
-            __m512 a0 = _mm512_loadu_ps(yj), a1 = _mm512_loadu_ps(yj + 16);
-            for (int i = 0; i < 4; ++i) {
-                const __m512 s = _mm512_set1_ps(val[k + i] * fp16_to_fp32(r[i][j].d));
-                a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) r[i][j].qs))), a0);
-                a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (r[i][j].qs + 16)))), a1);
-            }
-            _mm512_storeu_ps(yj, a0);
-            _mm512_storeu_ps(yj + 16, a1);
-#else
-            __m256 a[4];
-            for (int l = 0; l < 4; ++l) a[l] = _mm256_loadu_ps(yj + 8 * l);
-            for (int i = 0; i < 4; ++i) {
-                const __m256 s = _mm256_set1_ps(val[k + i] * fp16_to_fp32(r[i][j].d));
-                for (int l = 0; l < 4; ++l) {
-                    const __m128i q = _mm_loadl_epi64((const __m128i *) (r[i][j].qs + 8 * l));
-                    a[l] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), a[l]);
-                }
-            }
-            for (int l = 0; l < 4; ++l) _mm256_storeu_ps(yj + 8 * l, a[l]);
-#endif
+    __m512 a0 = _mm512_loadu_ps(yj), a1 = _mm512_loadu_ps(yj + 16);
+    for (int i = 0; i < 4; ++i) {
+        const __m512 si = _mm512_set1_ps(s[i]);
+        a0 = _mm512_fmadd_ps(si, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b[i]->qs))), a0);
+        a1 = _mm512_fmadd_ps(si, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b[i]->qs + 16)))), a1);
+    }
+    _mm512_storeu_ps(yj, a0);
+    _mm512_storeu_ps(yj + 16, a1);
+#elif defined(__AVX2__)
+    __m256 a[4];
+    for (int l = 0; l < 4; ++l) a[l] = _mm256_loadu_ps(yj + 8 * l);
+    for (int i = 0; i < 4; ++i) {
+        const __m256 si = _mm256_set1_ps(s[i]);
+        for (int l = 0; l < 4; ++l) {
+            const __m128i q = _mm_loadl_epi64((const __m128i *) (b[i]->qs + 8 * l));
+            a[l] = _mm256_fmadd_ps(si, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), a[l]);
         }
     }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (int l = 0; l < 4; ++l) _mm256_storeu_ps(yj + 8 * l, a[l]);
+#else
+    float32x4_t a[8];
+    for (int l = 0; l < 8; ++l) a[l] = vld1q_f32(yj + 4 * l);
+    for (int i = 0; i < 4; ++i) {
+        const float32x4_t si = vdupq_n_f32(s[i]);
+        for (int h = 0; h < 2; ++h) {
+            const int8x16_t q = vld1q_s8(b[i]->qs + 16 * h);
+            const int16x8_t q0 = vmovl_s8(vget_low_s8(q)), q1 = vmovl_high_s8(q);
+            float32x4_t * ah = a + 4 * h;
+            ah[0] = vfmaq_f32(ah[0], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
+            ah[1] = vfmaq_f32(ah[1], si, vcvtq_f32_s32(vmovl_high_s16(q0)));
+            ah[2] = vfmaq_f32(ah[2], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
+            ah[3] = vfmaq_f32(ah[3], si, vcvtq_f32_s32(vmovl_high_s16(q1)));
+        }
+    }
+    for (int l = 0; l < 8; ++l) vst1q_f32(yj + 4 * l, a[l]);
+#endif
+}
+#endif
+
+// Q8_0 over many rows: four rows at a time (where SIMD is available) stream through the thread's
+// column range, so each y block is loaded and stored once per four rows and every row is read
+// contiguously.
+static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const float * val, int64_t n,
+                           float * y, int64_t c0, int64_t c1) {
+    const int64_t j0 = c0 / QK8_0;
+    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    int64_t k = 0;
+#if defined(ACTSPARSE_Q8_0_FOUR_ROWS)
+    const int64_t j1 = c1 / QK8_0;
     for (; k + 4 <= n; k += 4) {
         const block_q8_0_t * r[4];
         const block_q8_0_t * next[4];  // rows are gathered by index: prefetch the next four
@@ -331,24 +344,13 @@ static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const
             next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + 4 + i < n ? k + 4 + i : k + i] * rb);
         }
         for (int64_t j = j0; j < j1; ++j) {
-            float * yj = y + j * QK8_0;
-            for (int i = 0; i < 4; ++i) __builtin_prefetch(next[i] + j);
-            // the whole y block (32 floats) stays in eight registers across the four rows
-            float32x4_t a[8];
-            for (int l = 0; l < 8; ++l) a[l] = vld1q_f32(yj + 4 * l);
+            const block_q8_0_t * const b[4] = { r[0] + j, r[1] + j, r[2] + j, r[3] + j };
+            float s[4];
             for (int i = 0; i < 4; ++i) {
-                const float32x4_t s = vdupq_n_f32(val[k + i] * fp16_to_fp32(r[i][j].d));
-                for (int h = 0; h < 2; ++h) {
-                    const int8x16_t q = vld1q_s8(r[i][j].qs + 16 * h);
-                    const int16x8_t q0 = vmovl_s8(vget_low_s8(q)), q1 = vmovl_high_s8(q);
-                    float32x4_t * ah = a + 4 * h;
-                    ah[0] = vfmaq_f32(ah[0], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
-                    ah[1] = vfmaq_f32(ah[1], s, vcvtq_f32_s32(vmovl_high_s16(q0)));
-                    ah[2] = vfmaq_f32(ah[2], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
-                    ah[3] = vfmaq_f32(ah[3], s, vcvtq_f32_s32(vmovl_high_s16(q1)));
-                }
+                __builtin_prefetch(next[i] + j);
+                s[i] = val[k + i] * fp16_to_fp32(b[i]->d);
             }
-            for (int l = 0; l < 8; ++l) vst1q_f32(yj + 4 * l, a[l]);
+            q8_0_block_four_rows(y + j * QK8_0, b, s);
         }
     }
 #endif
