@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from actsparse import calibration, engine, gguf_io
 from actsparse.data import heldout_corpus
+from actsparse.gguf_io import field_value
 from helpers import run_cli, run_converter, sha256_file
 
 LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
@@ -227,3 +228,36 @@ def test_nan_weights_are_a_clear_error(small_model_path: Path, tmp_path: Path) -
     assert "\n" not in err and "non-finite activation" in err and "ffn_up-3" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.gguf"]
     assert sha256_file(damaged) == before
+
+
+def test_saved_statistics_reproduce_the_thresholds(small_sparse_dir: Path) -> None:
+    """chess.gguf was written from the statistics chess-attn.gguf saved: same FFN thresholds and
+    calibration record, no attention thresholds."""
+    a, b = GGUFReader(small_sparse_dir / "chess-attn.gguf"), GGUFReader(small_sparse_dir / "chess.gguf")
+    ta = {t.name: np.asarray(t.data) for t in a.tensors if "thresh" in t.name}
+    tb = {t.name: np.asarray(t.data) for t in b.tensors if "thresh" in t.name}
+    assert set(tb) == {n for n in ta if "ffn_act_thresh" in n} and len(tb) == 30
+    for name, values in tb.items():
+        np.testing.assert_array_equal(values, ta[name])
+    for key in (
+        "actsparse.calibration.sha256",
+        "actsparse.calibration.source",
+        "actsparse.calibration.tokens",
+    ):
+        assert field_value(a, key) == field_value(b, key)
+    assert field_value(b, "actsparse.calibration.source") == "wiki-qa-passages"
+
+
+def test_load_stats_refuses_files_that_do_not_fit(
+    small_sparse_dir: Path, small_model_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o.gguf"
+    cases = [
+        (small_sparse_dir / "cats.gguf", "not a statistics file"),
+        (tmp_path / "missing.gguf", "does not exist"),
+    ]
+    for stats, message in cases:
+        proc = run_converter(small_model_path, "-o", out, "--load-stats", stats)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+        assert not out.exists()
