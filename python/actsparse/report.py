@@ -43,8 +43,8 @@ class Profile:
 
 
 PROFILES = {
-    "smollm2-135m": Profile("smollm2-135m", 16384, "0.3,0.5,0.7", 16, 40, None, 3),
-    "qwen2.5-coder-1.5b": Profile("qwen2.5-coder-1.5b", 16384, "0.3,0.5,0.7", 8, 20, "0.5", 3),
+    "smollm2-135m": Profile("smollm2-135m", 16384, "0.3,0.5,0.7", 8, 25, None, 3),
+    "qwen2.5-coder-1.5b": Profile("qwen2.5-coder-1.5b", 8192, "0.5", 4, 10, "0.5", 3),
 }
 VARIANTS = (("chess", True, "chess-attn"), ("chess", False, "chess"), ("cats", False, "cats"))
 
