@@ -149,15 +149,26 @@ def measure_model(profile: Profile, out_dir: Path, work_dir: Path | None, args: 
     seconds["eval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
+    state = {
+        "source": source.name, "sparse_model": str(paths[0]), "commands": log, "seconds": seconds,
+        "text_json": text_json.name, "task_json": task_json.name, "png": [png.name],
+    }  # fmt: skip
+    write_text_atomic(out_dir / f"state-{name}.json", json.dumps(state, indent=2) + "\n")
+    return load_quality(profile, out_dir)
+
+
+def load_quality(profile: Profile, out_dir: Path) -> dict:
+    """A model's quality results from the state file measure_model wrote (for --reuse-quality)."""
+    state = json.loads((out_dir / f"state-{profile.model}.json").read_text())
     return {
         "profile": profile,
-        "source": source.name,
-        "sparse_model": paths[0],
-        "commands": log,
-        "seconds": seconds,
-        "text": json.loads(text_json.read_text()),
-        "tasks": json.loads(task_json.read_text()),
-        "png": [png.name],
+        "source": state["source"],
+        "sparse_model": Path(state["sparse_model"]),
+        "commands": state["commands"],
+        "seconds": state["seconds"],
+        "text": json.loads((out_dir / state["text_json"]).read_text()),
+        "tasks": json.loads((out_dir / state["task_json"]).read_text()),
+        "png": state["png"],
     }
 
 
@@ -188,7 +199,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.output.parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        results = [measure_model(PROFILES[n], out_dir, args.work_dir, args) for n in names]
+        results = [
+            load_quality(PROFILES[n], out_dir)
+            if args.reuse_quality and (out_dir / f"state-{n}.json").is_file()
+            else measure_model(PROFILES[n], out_dir, args.work_dir, args)
+            for n in names
+        ]
         for result in results:
             measure_speed(result, out_dir, args)
     except (RuntimeError, engine.EngineError) as e:

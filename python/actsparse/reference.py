@@ -1,0 +1,300 @@
+"""The transformers reference for this project's llama.cpp runtime (optional extra ``reference``).
+
+    from actsparse import reference
+    model = reference.load_model("MODEL.sparse.gguf")          # float32 transformers model
+    with reference.chess_masks(model, "MODEL.sparse.gguf", 0.5):
+        logits = reference.token_logits(model, tokens)         # teacher-forced, [n, vocab]
+
+:func:`load_model` loads a GGUF with transformers (``from_pretrained(dir, gguf_file=name)``;
+transformers dequantizes the weights to float32). :func:`chess_masks` installs the CHESS masks of
+a sparse GGUF at one of its levels with the runtime's semantics (``native/src/actsparse-runtime.cpp``
+and ``docs/gguf-format.md``), compared in float32:
+
+* FFN: ``a = act(W_gate x)``; channel i is kept where ``|a_i| > t_i`` and zeroed otherwise, then
+  ``W_down (a * (W_up x))``.
+* attention: the input of ``q_proj`` is zeroed elementwise where ``|x_j| <= t_q`` (``k_proj`` and
+  ``v_proj`` read the dense input); the input of ``o_proj`` (the attention output, heads
+  concatenated) is zeroed where ``|x_j| <= t_o``. A threshold tensor of one value per level is a
+  scalar for all channels.
+
+What remains different from llama.cpp is arithmetic: llama.cpp multiplies the 4-bit weights with
+activations quantized to 8 bits (q8_1) and keeps K/V in float16, its sparse decode kernels read
+the Q8_0 transposed copies of ``ffn_down``/``attn_q``/``attn_output``, and its SiLU is ggml's.
+
+:func:`request_logliks` scores the same token requests as :mod:`actsparse.zeroshot` (one forward
+per question, choices right-padded: causal attention never looks at the padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import gguf_io
+
+if TYPE_CHECKING:
+    from .zeroshot import Request
+
+__all__ = [
+    "KINDS",
+    "ChessMasks",
+    "ChessThresholds",
+    "chess_masks",
+    "install_chess_masks",
+    "load_model",
+    "read_thresholds",
+    "request_logliks",
+    "token_logits",
+]
+
+DEFAULT_THREADS = 2
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the transformers reference needs torch and transformers (extra 'reference')"
+        ) from e
+    return torch
+
+
+def load_model(path: str | os.PathLike[str], threads: int | None = DEFAULT_THREADS) -> Any:
+    """A GGUF loaded into transformers: float32, eval mode; ``threads`` torch threads (None: leave)."""
+    torch = _torch()
+    from transformers import AutoModelForCausalLM
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    p = Path(path).resolve()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+# --- thresholds -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChessThresholds:
+    """One level's thresholds of a sparse GGUF, per layer: None where the layer has none.
+
+    Each array is float32 with one value per channel, or a single value for all channels.
+    """
+
+    level: float
+    levels: tuple[float, ...]
+    ffn: tuple[np.ndarray | None, ...]
+    q_in: tuple[np.ndarray | None, ...]
+    o_in: tuple[np.ndarray | None, ...]
+
+
+def read_thresholds(path: str | os.PathLike[str], level: float | None = None) -> ChessThresholds:
+    """The thresholds of ``level`` (None: the file's default level) read with the gguf package."""
+    reader = gguf_io.open_gguf(path)
+    levels = gguf_io.field_value(reader, gguf_io.KEY_PREFIX + "levels")
+    if not levels:
+        raise gguf_io.GGUFError(f"{path}: no sparsity thresholds (actsparse.levels missing)")
+    levels = tuple(float(v) for v in levels)
+    if level is None:
+        level = float(gguf_io.field_value(reader, gguf_io.KEY_PREFIX + "default_level"))
+    matches = [i for i, v in enumerate(levels) if abs(v - level) < 1e-4]  # as the runtime matches
+    if not matches:
+        raise ValueError(
+            f"sparsity level {level:g} is not in {path}; available: {', '.join(f'{v:g}' for v in levels)}"
+        )
+    row = matches[-1]
+    info = gguf_io.describe_model(reader, path)
+    tensors = info.tensors
+
+    def pick(pattern: str) -> tuple[np.ndarray | None, ...]:
+        out = []
+        for il in range(info.n_layer):
+            t = tensors.get(pattern.format(il))
+            if t is None:
+                out.append(None)
+                continue
+            data = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # ggml [ne0, L]
+            out.append(data[row].copy())
+        return tuple(out)
+
+    return ChessThresholds(
+        level=levels[row],
+        levels=levels,
+        ffn=pick(gguf_io.FFN_THRESH),
+        q_in=pick(gguf_io.Q_IN_THRESH),
+        o_in=pick(gguf_io.O_IN_THRESH),
+    )
+
+
+# --- masks ----------------------------------------------------------------------------------------
+
+
+KINDS = ("ffn", "attn_q_in", "attn_o_in")  # the runtime's names (sparse_stats)
+
+
+def _keep(x: Any, t: Any, counter: list[int]) -> Any:
+    """x with entries where |x| <= t zeroed (t broadcasts over the last dimension); counts them."""
+    keep = x.abs() > t
+    counter[0] += int(keep.numel() - keep.sum())
+    counter[1] += keep.numel()
+    return x * keep.to(x.dtype)
+
+
+def _masked_mlp_forward(t: Any, counter: list[int]) -> Any:
+    def forward(self: Any, x: Any) -> Any:
+        a = self.act_fn(self.gate_proj(x))
+        return self.down_proj(_keep(a, t, counter) * self.up_proj(x))
+
+    return forward
+
+
+class ChessMasks:
+    """Installed masks; :meth:`remove` restores the dense model (also on leaving a ``with``).
+
+    :meth:`stats` is the fraction of inputs zeroed since installation, in the layout of the
+    runtime's ``sparse_stats`` (which counts single-token decodes only).
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self._undo: list[Any] = []
+        self._counts = [{k: [0, 0] for k in KINDS} for _ in range(n_layer)]
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def stats(self) -> dict[str, Any]:
+        def frac(z: int, n: int) -> float | None:
+            return z / n if n else None
+
+        layers = [{"layer": il, **{k: frac(*c[k]) for k in KINDS}} for il, c in enumerate(self._counts)]
+        overall = {
+            k: frac(sum(c[k][0] for c in self._counts), sum(c[k][1] for c in self._counts)) for k in KINDS
+        }
+        return {"layers": layers, "overall": overall}
+
+    def __enter__(self) -> ChessMasks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _layers(model: Any) -> Any:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: no model.layers (not a Llama-like decoder)")
+    return layers
+
+
+def install_chess_masks(
+    model: Any, thresholds: ChessThresholds | str | os.PathLike[str], level: float | None = None
+) -> ChessMasks:
+    """Install the masks of ``thresholds`` (or of the GGUF at that path, at ``level``) into a
+    Llama-like transformers model (``model.layers[i].mlp.{gate,up,down}_proj``,
+    ``self_attn.{q,o}_proj``); returns the handle that removes them."""
+    torch = _torch()
+    if not isinstance(thresholds, ChessThresholds):
+        thresholds = read_thresholds(thresholds, level)
+    layers = _layers(model)
+    if len(layers) != len(thresholds.ffn):
+        raise ValueError(f"the model has {len(layers)} layers, the thresholds {len(thresholds.ffn)}")
+    dtype = next(model.parameters()).dtype
+    masks = ChessMasks(len(layers))
+
+    def tensor(a: np.ndarray) -> Any:
+        return torch.from_numpy(a).to(dtype)
+
+    def pre_hook(t: Any, counter: list[int]) -> Any:
+        return lambda _module, args: (_keep(args[0], t, counter), *args[1:])
+
+    for il, layer in enumerate(layers):
+        counts = masks._counts[il]
+        t_ffn, t_q, t_o = thresholds.ffn[il], thresholds.q_in[il], thresholds.o_in[il]
+        if t_ffn is not None:
+            mlp = layer.mlp
+            mlp.forward = types.MethodType(_masked_mlp_forward(tensor(t_ffn), counts["ffn"]), mlp)
+            masks._undo.append(lambda mlp=mlp: delattr(mlp, "forward"))
+        attn = layer.self_attn
+        for proj, t, kind in ((attn.q_proj, t_q, "attn_q_in"), (attn.o_proj, t_o, "attn_o_in")):
+            if t is not None:
+                handle = proj.register_forward_pre_hook(pre_hook(tensor(t), counts[kind]))
+                masks._undo.append(handle.remove)
+    return masks
+
+
+@contextlib.contextmanager
+def chess_masks(
+    model: Any, thresholds: ChessThresholds | str | os.PathLike[str], level: float | None = None
+) -> Iterator[ChessMasks]:
+    """``with chess_masks(model, path, 0.5): ...`` runs the model with the masks of that level."""
+    masks = install_chess_masks(model, thresholds, level)
+    try:
+        yield masks
+    finally:
+        masks.remove()
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def token_logits(model: Any, tokens: Sequence[int]) -> np.ndarray:
+    """Teacher-forced logits of a token sequence: row i predicts token i + 1 (float32, [n, vocab])."""
+    torch = _torch()
+    with torch.inference_mode():
+        out = model(torch.tensor([list(tokens)], dtype=torch.long))
+    return out.logits[0].float().numpy()
+
+
+def request_logliks(model: Any, questions: Sequence[Sequence[Request]]) -> list[list[float]]:
+    """Log-likelihood of every request (zeroshot's Request: the same token ids), one inner list per
+    question; the log-softmax is taken in float64.
+
+    Per question, the token prefix all choices share (up to one token before the shortest
+    context) runs once with a KV cache, which is then repeated for the choices; their remaining
+    tokens run as one right-padded batch (causal attention never looks at the padding), and the
+    output layer is applied only to the rows that predict continuation tokens.
+    """
+    torch = _torch()
+    body = model.get_decoder()
+    head = model.get_output_embeddings()
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for reqs in questions:
+            seqs = [list(r.tokens) for r in reqs]
+            p = _common_prefix(seqs)
+            p = min(p, min(len(r.context_tokens) for r in reqs) - 1) if len(reqs) > 1 else 0
+            cache = None
+            if p > 0:
+                cache = body(input_ids=torch.tensor([seqs[0][:p]]), use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(reqs))
+            width = max(len(s) for s in seqs) - p
+            ids = torch.tensor([s[p:] + [0] * (width - len(s) + p) for s in seqs], dtype=torch.long)
+            hidden = body(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            lls = []
+            for i, r in enumerate(reqs):
+                c = len(r.context_tokens) - 1 - p  # row of the last context token
+                n = len(r.continuation_tokens)
+                rows = head(hidden[i, c : c + n]).double().log_softmax(-1)
+                target = torch.tensor(r.continuation_tokens, dtype=torch.long)
+                lls.append(float(rows.gather(1, target[:, None]).sum()))
+            out.append(lls)
+    return out
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
