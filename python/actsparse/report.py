@@ -65,6 +65,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "-t", "--threads", type=int, default=2, help="threads for conversion and bench (default 2)"
     )
     p.add_argument("--eval-threads", type=int, default=None, help="threads for eval (default: --threads)")
+    p.add_argument(
+        "--reuse-quality", action="store_true",
+        help="take conversions and quality results of an earlier run from docs/results/state-*.json; "
+        "measure speed again",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -286,6 +291,15 @@ def discussion(result: dict) -> list[str]:
         lines.append(
             "- No level is within the targets on this model: sparsity costs more quality here than the "
             "paper reports; use the lowest level, or run dense."
+        )
+    limit = tasks["tasks"].get("limit")
+    if limit and tasks["tasks"]["names"]:
+        n = limit * len(tasks["tasks"]["names"])
+        lines.append(
+            f"- Task subsets are small ({limit} questions per task): one question moves a task by "
+            f"{100 / limit:.0f} points and the 8-task average has a sampling error of about "
+            f"{100 * (0.25 / n) ** 0.5:.1f} points, so task differences below that are noise; the text "
+            "metrics (thousands of tokens) are the reliable signal here."
         )
     claims = text.get("summary", {}).get("chess_vs_cats", [])
     if claims:
