@@ -22,7 +22,11 @@ void actsparse_model_freed(const llama_model * model);
 void actsparse_context_freed(const llama_context * ctx);
 
 // Graph building. Each returns nullptr when the layer has no thresholds or the context is dense,
-// and the caller then builds the dense graph as before.
+// and the caller then builds the dense graph as before. n_tokens is the ubatch's token count: the
+// decode kernels run only for single-token batches, not for a wider batch whose last layer keeps
+// one output row.
 ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_tensor * up, ggml_tensor * gate,
-                                  ggml_tensor * down, bool plain_gated, actsparse_context * state);
-ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, actsparse_context * state);
+                                  ggml_tensor * down, bool plain_gated, int64_t n_tokens,
+                                  actsparse_context * state);
+ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, int64_t n_tokens,
+                                 actsparse_context * state);

@@ -359,10 +359,318 @@ static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const
     }
 }
 
+// ---- packed 4- to 6-bit types: unpack to int8, accumulate four rows at a time -----------------
+//
+// A block of these types holds w[c] = d[c / 16] * q[c] + m[c / 16] with small integers q and one
+// scale (and offset) per 16 or 32 columns. The unpackers write q as int8 and d, m as float per
+// 16-column group, a whole column range per call: plain fixed-length loops that compilers
+// vectorise for every ISA. The accumulate then runs one FMA loop for all types, four rows per
+// pass over the outputs.
+
+static inline float load_half(const uint8_t * p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);  // blocks are byte-packed
+    return fp16_to_fp32(h);
+}
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the packed-type unpackers assume a little-endian target"
+#endif
+
+// 16 bytes of nibble pairs -> 32 values 0..15: low nibbles first, then high nibbles. Eight bytes
+// at a time in a 64-bit word: compilers turn byte-wise loops of this shape into slow inserts.
+static inline void split_nibbles(const uint8_t * qs, int8_t * q) {
+    for (int w = 0; w < 2; ++w) {
+        uint64_t x, lo, hi;
+        memcpy(&x, qs + 8 * w, 8);
+        lo = x & 0x0F0F0F0F0F0F0F0FULL;
+        hi = (x >> 4) & 0x0F0F0F0F0F0F0F0FULL;
+        memcpy(q + 8 * w, &lo, 8);
+        memcpy(q + 16 + 8 * w, &hi, 8);
+    }
+}
+
+// Bits 0..7 of b -> bit 4 of bytes 0..7 of a 64-bit word.
+static inline uint64_t spread_bits_to_16s(uint32_t b) {
+    uint64_t t = b & 0xFFu;
+    t = (t | (t << 28)) & 0x0000000F0000000FULL;
+    t = (t | (t << 14)) & 0x0003000300030003ULL;
+    t = (t | (t << 7)) & 0x0101010101010101ULL;
+    return t << 4;
+}
+
+static inline void set_group_scales(float * d, float * m, int ngroups, float dv, float mv) {
+    for (int g = 0; g < ngroups; ++g) {
+        d[g] = dv;
+        m[g] = mv;
+    }
+}
+
+static inline void unpack_q4_0(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    split_nibbles(b + 2, q);  // w = d * (q - 8): the -8 goes into the offset
+    const float dd = load_half(b);
+    set_group_scales(d, m, 2, dd, -8.0f * dd);
+}
+
+static inline void unpack_q4_1(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    split_nibbles(b + 4, q);
+    set_group_scales(d, m, 2, load_half(b), load_half(b + 2));
+}
+
+// Q5_0 / Q5_1: the fifth bit of value l is bit l of a 32-bit word.
+static inline void unpack_5bit(const uint8_t * qh_bytes, const uint8_t * qs, int8_t * q) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, sizeof qh);
+    split_nibbles(qs, q);
+    for (int w = 0; w < 4; ++w) {
+        uint64_t x;
+        memcpy(&x, q + 8 * w, 8);
+        x |= spread_bits_to_16s(qh >> (8 * w));
+        memcpy(q + 8 * w, &x, 8);
+    }
+}
+
+static inline void unpack_q5_0(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    unpack_5bit(b + 2, b + 6, q);  // w = d * (q - 16): the -16 goes into the offset
+    const float dd = load_half(b);
+    set_group_scales(d, m, 2, dd, -16.0f * dd);
+}
+
+static inline void unpack_q5_1(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    unpack_5bit(b + 4, b + 8, q);
+    set_group_scales(d, m, 2, load_half(b), load_half(b + 2));
+}
+
+static inline void unpack_iq4_nl(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    // the non-linear 4-bit code book of IQ4_NL (ggml's format definition)
+    static const int8_t values[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+    const uint8_t * qs = b + 2;
+    for (int l = 0; l < 16; ++l) q[l] = values[qs[l] & 0x0F];
+    for (int l = 0; l < 16; ++l) q[l + 16] = values[qs[l] >> 4];
+    set_group_scales(d, m, 2, load_half(b), 0.0f);
+}
+
+// Q4_K / Q5_K: eight 32-value groups with 6-bit scales and mins packed into 12 bytes;
+// w = d * sc * q - dmin * mn.
+static inline void k_scales(const uint8_t * b, float * d, float * m) {
+    const float dd = load_half(b);
+    const float dmin = load_half(b + 2);
+    const uint8_t * sc = b + 4;
+    for (int j = 0; j < 8; ++j) {
+        uint8_t scale, mn;
+        if (j < 4) {
+            scale = sc[j] & 63;
+            mn = sc[j + 4] & 63;
+        } else {
+            scale = (uint8_t) ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4));
+            mn = (uint8_t) ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4));
+        }
+        set_group_scales(d + 2 * j, m + 2 * j, 2, dd * (float) scale, -dmin * (float) mn);
+    }
+}
+
+static inline void unpack_q4_k(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    k_scales(b, d, m);
+    const uint8_t * qs = b + 16;
+    for (int p = 0; p < 4; ++p) {  // each 32 bytes: low nibbles are group 2p, high nibbles 2p + 1
+        for (int l = 0; l < 32; ++l) {
+            q[64 * p + l] = (int8_t) (qs[32 * p + l] & 0x0F);
+            q[64 * p + 32 + l] = (int8_t) (qs[32 * p + l] >> 4);
+        }
+    }
+}
+
+static inline void unpack_q5_k(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    k_scales(b, d, m);
+    const uint8_t * qh = b + 16;
+    const uint8_t * qs = b + 48;
+    for (int p = 0; p < 4; ++p) {  // group g takes its fifth bit from bit g of qh[l]
+        for (int l = 0; l < 32; ++l) {
+            q[64 * p + l] = (int8_t) ((qs[32 * p + l] & 0x0F) | (((qh[l] >> (2 * p)) & 1) << 4));
+            q[64 * p + 32 + l] = (int8_t) ((qs[32 * p + l] >> 4) | (((qh[l] >> (2 * p + 1)) & 1) << 4));
+        }
+    }
+}
+
+// Q6_K: 16 groups of 16 with int8 scales; low 4 bits in ql, high 2 bits in qh, offset 32.
+static inline void unpack_q6_k(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
+    const uint8_t * ql = b;
+    const uint8_t * qh = b + 128;
+    const int8_t * sc = (const int8_t *) (b + 192);
+    const float dd = load_half(b + 208);
+    for (int h = 0; h < 2; ++h) {
+        const uint8_t * l4 = ql + 64 * h;
+        const uint8_t * h2 = qh + 32 * h;
+        int8_t * qq = q + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+            qq[l] = (int8_t) (((l4[l] & 0x0F) | ((h2[l] & 3) << 4)) - 32);
+            qq[l + 32] = (int8_t) (((l4[l + 32] & 0x0F) | (((h2[l] >> 2) & 3) << 4)) - 32);
+            qq[l + 64] = (int8_t) (((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32);
+            qq[l + 96] = (int8_t) (((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+    for (int g = 0; g < 16; ++g) {
+        d[g] = dd * (float) sc[g];
+        m[g] = 0.0f;
+    }
+}
+
+// Unpack nblocks consecutive blocks: q gets block_size values per block, d and m one per 16.
+typedef void (*unpack_range_fn)(const uint8_t * blocks, int64_t nblocks, int8_t * q, float * d, float * m);
+
+#define UNPACK_RANGE(name, block_fn, type_size, block_size)                                                \
+    static void name(const uint8_t * b, int64_t nblocks, int8_t * q, float * d, float * m) {             \
+        for (int64_t i = 0; i < nblocks; ++i) {                                                        \
+            block_fn(b + i * (type_size), q + i * (block_size), d + i * ((block_size) / 16),            \
+                     m + i * ((block_size) / 16));                                                      \
+        }                                                                                              \
+    }
+UNPACK_RANGE(unpack_range_q4_0, unpack_q4_0, 18, 32)
+UNPACK_RANGE(unpack_range_q4_1, unpack_q4_1, 20, 32)
+UNPACK_RANGE(unpack_range_q5_0, unpack_q5_0, 22, 32)
+UNPACK_RANGE(unpack_range_q5_1, unpack_q5_1, 24, 32)
+UNPACK_RANGE(unpack_range_iq4_nl, unpack_iq4_nl, 18, 32)
+UNPACK_RANGE(unpack_range_q4_k, unpack_q4_k, 144, 256)
+UNPACK_RANGE(unpack_range_q5_k, unpack_q5_k, 176, 256)
+UNPACK_RANGE(unpack_range_q6_k, unpack_q6_k, 210, 256)
+
+static unpack_range_fn unpacker(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: return unpack_range_q4_0;
+        case GGML_TYPE_Q4_1: return unpack_range_q4_1;
+        case GGML_TYPE_Q5_0: return unpack_range_q5_0;
+        case GGML_TYPE_Q5_1: return unpack_range_q5_1;
+        case GGML_TYPE_IQ4_NL: return unpack_range_iq4_nl;
+        case GGML_TYPE_Q4_K: return unpack_range_q4_k;
+        case GGML_TYPE_Q5_K: return unpack_range_q5_k;
+        case GGML_TYPE_Q6_K: return unpack_range_q6_k;
+        default: return NULL;
+    }
+}
+
+// y[0:16] += sum_i s[i] * q_i[0:16] + o: sixteen outputs held in registers across four rows.
+static inline void int8_16_four_rows(float * y, const int8_t * const q[4], const float s[4], float o) {
+#if defined(__AVX512F__)
+    __m512 a = _mm512_add_ps(_mm512_loadu_ps(y), _mm512_set1_ps(o));
+    for (int i = 0; i < 4; ++i) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) q[i])));
+        a = _mm512_fmadd_ps(_mm512_set1_ps(s[i]), qf, a);
+    }
+    _mm512_storeu_ps(y, a);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 ov = _mm256_set1_ps(o);
+    __m256 a0 = _mm256_add_ps(_mm256_loadu_ps(y), ov), a1 = _mm256_add_ps(_mm256_loadu_ps(y + 8), ov);
+    for (int i = 0; i < 4; ++i) {
+        const __m256 si = _mm256_set1_ps(s[i]);
+        a0 = _mm256_fmadd_ps(si, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) q[i]))), a0);
+        a1 = _mm256_fmadd_ps(si, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q[i] + 8)))), a1);
+    }
+    _mm256_storeu_ps(y, a0);
+    _mm256_storeu_ps(y + 8, a1);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    const float32x4_t ov = vdupq_n_f32(o);
+    float32x4_t a[4];
+    for (int l = 0; l < 4; ++l) a[l] = vaddq_f32(vld1q_f32(y + 4 * l), ov);
+    for (int i = 0; i < 4; ++i) {
+        const float32x4_t si = vdupq_n_f32(s[i]);
+        const int8x16_t qv = vld1q_s8(q[i]);
+        const int16x8_t q0 = vmovl_s8(vget_low_s8(qv)), q1 = vmovl_high_s8(qv);
+        a[0] = vfmaq_f32(a[0], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
+        a[1] = vfmaq_f32(a[1], si, vcvtq_f32_s32(vmovl_high_s16(q0)));
+        a[2] = vfmaq_f32(a[2], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
+        a[3] = vfmaq_f32(a[3], si, vcvtq_f32_s32(vmovl_high_s16(q1)));
+    }
+    for (int l = 0; l < 4; ++l) vst1q_f32(y + 4 * l, a[l]);
+#else
+    for (int c = 0; c < 16; ++c) {
+        float acc = y[c] + o;
+        for (int i = 0; i < 4; ++i) acc += s[i] * (float) q[i][c];
+        y[c] = acc;
+    }
+#endif
+}
+
+// The same for 32 outputs, where a type's scales cover 32 columns.
+static inline void int8_32_four_rows(float * y, const int8_t * const q[4], const float s[4], float o) {
+#if defined(__AVX512F__)
+    const __m512 ov = _mm512_set1_ps(o);
+    __m512 a0 = _mm512_add_ps(_mm512_loadu_ps(y), ov), a1 = _mm512_add_ps(_mm512_loadu_ps(y + 16), ov);
+    for (int i = 0; i < 4; ++i) {
+        const __m512 si = _mm512_set1_ps(s[i]);
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) q[i])));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (q[i] + 16))));
+        a0 = _mm512_fmadd_ps(si, q0, a0);
+        a1 = _mm512_fmadd_ps(si, q1, a1);
+    }
+    _mm512_storeu_ps(y, a0);
+    _mm512_storeu_ps(y + 16, a1);
+#else
+    const int8_t * const q1[4] = { q[0] + 16, q[1] + 16, q[2] + 16, q[3] + 16 };
+    int8_16_four_rows(y, q, s, o);
+    int8_16_four_rows(y + 16, q1, s, o);
+#endif
+}
+
+#define UNPACK_CHUNK 1024  // columns unpacked per row and pass: four rows stay in L1
+
+// Rows of a packed type over columns [c0, c1): four rows per pass (a short last group repeats a
+// row with weight 0), each row's chunk unpacked once, then accumulated 16 columns at a time.
+static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, const char * w, size_t rb,
+                               const int32_t * idx, const float * val, int64_t n, float * y, int64_t c0,
+                               int64_t c1) {
+    const int64_t bs = ggml_blck_size(type);
+    const size_t ts = ggml_type_size(type);
+    int8_t q[4][UNPACK_CHUNK];
+    float d[4][UNPACK_CHUNK / 16], m[4][UNPACK_CHUNK / 16];
+    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    for (int64_t k = 0; k < n; k += 4) {
+        const uint8_t * r[4];
+        float v[4];
+        for (int i = 0; i < 4; ++i) {
+            r[i] = (const uint8_t *) w + (size_t) idx[k + i < n ? k + i : k] * rb;
+            v[i] = k + i < n ? val[k + i] : 0.0f;
+        }
+        for (int64_t c = c0; c < c1; c += UNPACK_CHUNK) {
+            const int64_t len = c1 - c < UNPACK_CHUNK ? c1 - c : UNPACK_CHUNK;
+            const size_t off = (size_t) (c / bs) * ts;
+            for (int i = 0; i < 4; ++i) {
+                if (k + 4 + i < n) {
+                    // rows are gathered by index: prefetch this chunk of the next four
+                    const uint8_t * nx = (const uint8_t *) w + (size_t) idx[k + 4 + i] * rb + off;
+                    for (size_t o = 0; o < (size_t) (len / bs) * ts; o += 64) __builtin_prefetch(nx + o);
+                }
+                unpack(r[i] + off, len / bs, q[i], d[i], m[i]);
+                for (int64_t g = 0; g < len / 16; ++g) {
+                    d[i][g] *= v[i];
+                    m[i][g] *= v[i];
+                }
+            }
+            // a group is 16 columns with Q6_K's scales, else 32 (two equal 16-column entries)
+            const int64_t gs = type == GGML_TYPE_Q6_K ? 16 : 32;
+            for (int64_t g = 0; g < len / gs; ++g) {
+                const int64_t e = g * gs / 16;  // the group's scale entry
+                const int8_t * const qg[4] = { q[0] + gs * g, q[1] + gs * g, q[2] + gs * g, q[3] + gs * g };
+                const float sg[4] = { d[0][e], d[1][e], d[2][e], d[3][e] };
+                const float o = m[0][e] + m[1][e] + m[2][e] + m[3][e];
+                if (gs == 32) {
+                    int8_32_four_rows(y + c + gs * g, qg, sg, o);
+                } else {
+                    int8_16_four_rows(y + c + gs * g, qg, sg, o);
+                }
+            }
+        }
+    }
+}
+
 static void axpy_rows(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
                       const float * val, int64_t n, float * y, int64_t c0, int64_t c1, bool reference) {
     if (type == GGML_TYPE_Q8_0 && !reference) {
         axpy_rows_q8_0((const char *) w, row_bytes, idx, val, n, y, c0, c1);
+        return;
+    }
+    const unpack_range_fn unpack = reference ? NULL : unpacker(type);
+    if (unpack) {
+        axpy_rows_unpacked(type, unpack, (const char *) w, row_bytes, idx, val, n, y, c0, c1);
         return;
     }
     memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));

@@ -598,7 +598,8 @@ static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, 
 }
 
 ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_tensor * up, ggml_tensor * gate,
-                                  ggml_tensor * down, bool plain_gated, actsparse_context * st) {
+                                  ggml_tensor * down, bool plain_gated, int64_t n_tokens,
+                                  actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
     if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, p, sl)) return nullptr;
@@ -607,7 +608,7 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
     g = st->model->act == ACTSPARSE_ACT_GELU ? ggml_gelu(ctx0, g) : ggml_silu(ctx0, g);
     const int64_t n_ff = g->ne[0];
-    const bool decode = ggml_nrows(cur) == 1 && decode_kernels_enabled();
+    const bool decode = n_tokens == 1 && ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * srcs_sel[] = { g, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n_ff, 1, 1, 1, srcs_sel, 2, op_select,
@@ -637,7 +638,8 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     return ggml_mul_mat(ctx0, down, ggml_mul(ctx0, masked(ctx0, g, thr, p), u));
 }
 
-ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, actsparse_context * st) {
+ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tensor * cur, int64_t n_tokens,
+                                 actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
     op_kind kind;
@@ -650,7 +652,7 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
     if (!lookup(w, st, kind, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
-    if (ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
+    if (n_tokens == 1 && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
         const int64_t n = cur->ne[0];
         ggml_tensor * srcs_sel[] = { cur, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,
