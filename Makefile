@@ -11,11 +11,14 @@ LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
                  actsparse-calibrate actsparse-test-kernels actsparse-test-kernels-asan
 WORKTREE := work/llama.cpp
+# The same pinned llama.cpp without patches/: dense outputs are compared with it bit for bit.
+UPSTREAM_BUILD := build-upstream
+UPSTREAM_TARGETS := llama-completion llama-perplexity
 # ccache: hash paths relative to the checkout, so a fresh clone elsewhere reuses the cache
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all build venv demo test test-neon results lint format llama-src patches clean help
+.PHONY: all build build-upstream venv demo test test-neon results lint format llama-src patches clean help
 all: build venv
 
 help:
@@ -24,6 +27,7 @@ help:
 	@echo "make test-neon  cross-compile the kernel tests for aarch64 (NEON) and run them under qemu-user"
 	@echo "make results    measure quality and speed on both models and write docs/results.md (hours)"
 	@echo "make build      configure and build llama.cpp + native/ into $(BUILD)/bin"
+	@echo "make build-upstream  the pinned llama.cpp without patches, in $(UPSTREAM_BUILD) (tests compare with it)"
 	@echo "make venv       project virtual environment in $(VENV)"
 	@echo "make llama-src  lay out the pinned llama.cpp as a git work tree in $(WORKTREE) with patches/ applied"
 	@echo "make patches    regenerate patches/ from the commits in $(WORKTREE)"
@@ -34,6 +38,12 @@ $(BUILD)/build.ninja: CMakeLists.txt cmake/PinnedLlamaCpp.cmake
 
 build: $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j$(JOBS) --target $(LLAMA_TARGETS)
+
+$(UPSTREAM_BUILD)/build.ninja: CMakeLists.txt cmake/PinnedLlamaCpp.cmake
+	cmake -S . -B $(UPSTREAM_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DACTSPARSE_UPSTREAM=ON $(CMAKE_FLAGS)
+
+build-upstream: $(UPSTREAM_BUILD)/build.ninja
+	cmake --build $(UPSTREAM_BUILD) -j$(JOBS) --target $(UPSTREAM_TARGETS)
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +59,7 @@ venv: $(VENV)/.stamp
 demo: build venv
 	$(VPY) -m actsparse.cli demo
 
-test: build venv
+test: build build-upstream venv
 	$(VPY) -m pytest -ra tests
 
 test-neon:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from gguf import GGUFReader
 
 import actsparse
 from actsparse import engine, gguf_io
+from actsparse.data import heldout_corpus
 from actsparse.gguf_io import NewTensor
 from helpers import REPO, run_converter
 
@@ -184,3 +186,44 @@ def test_python_api(sparse_model: Path, small_model_path: Path) -> None:
     dense = actsparse.Llama(str(small_model_path), n_ctx=128, n_threads=2, verbose=False)
     with pytest.raises(actsparse.SparseError, match="convert_with_thresholds"):
         actsparse.enable_sparse(dense, 0.5)
+
+
+def test_a_batch_with_one_output_row_is_prefill(sparse_model: Path) -> None:
+    """llama.cpp narrows the last layer to the rows that need logits; with one such row the
+    last FFN still belongs to a many-token batch and must not be counted (or run) as decode."""
+    llm = actsparse.Llama(str(sparse_model), sparse=0.5, n_ctx=256, n_threads=2, verbose=False)
+    llm.eval(llm.tokenize(PROMPT.encode()))  # logits for the last token only
+    stats = actsparse.sparse_stats(llm)
+    assert all(layer["ffn"] is None for layer in stats["layers"]), stats["layers"][-1]
+    assert all(layer["ffn"] is not None for layer in stats["prefill"]["layers"])
+    llm.eval(llm.tokenize(b" and", add_bos=False))  # one token: decode
+    stats = actsparse.sparse_stats(llm)
+    assert all(layer["ffn"] is not None for layer in stats["layers"])
+
+
+@pytest.mark.parametrize("tool", ["llama-completion", "llama-perplexity"])
+def test_a_model_without_thresholds_runs_bit_identically_to_unpatched_llama_cpp(
+    small_model_path: Path, tmp_path: Path, tool: str
+) -> None:
+    """The patches change nothing for a GGUF without sparsity data: greedy generation prints the
+    same text, and llama-perplexity saves the same logits (byte for byte) and the same PPL."""
+    outputs = []
+    for build, binary in (("patched", engine.binary(tool)), ("upstream", engine.upstream_binary(tool))):
+        if tool == "llama-completion":
+            cmd = [str(binary), "-m", str(small_model_path), "-p", PROMPT, "-n", "48", "-t", "2",
+                   "--temp", "0", "-no-cnv", "--no-warmup"]  # fmt: skip
+        else:
+            text = tmp_path / "text.txt"
+            text.write_text(heldout_corpus().text[:6000])
+            logits = tmp_path / f"{build}.kld"
+            cmd = [str(binary), "-m", str(small_model_path), "-f", str(text), "-c", "128", "--chunks", "4",
+                   "-t", "2", "--kl-divergence-base", str(logits)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if tool == "llama-completion":
+            outputs.append(proc.stdout)
+        else:
+            ppl = re.findall(r"Final estimate: PPL = [0-9.]+ \+/- [0-9.]+", proc.stderr)
+            assert ppl, proc.stderr[-2000:]
+            outputs.append((ppl[-1], logits.read_bytes()))
+    assert outputs[0] == outputs[1]

@@ -11,7 +11,15 @@
 #include <stdexcept>
 #include <string>
 
+// llama.cpp's logger prints from a worker thread and is never destroyed, so a tool that fails
+// early (a model refused at load) can exit before the reason is printed. Drain it at exit.
+static void drain_log_at_exit() {
+    common_log_pause(common_log_main());
+}
+
 void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
+    static const bool drain_registered = std::atexit(drain_log_at_exit) == 0;
+    (void) drain_registered;
     add_opt(common_arg({ "--sparse" }, "[LEVEL]",
                        "activation sparsity (actsparse): run a model converted by convert_with_thresholds.py "
                        "with the thresholds of LEVEL (default: the file's default level); 0 = dense",

@@ -59,6 +59,7 @@ struct op_params {
     actsparse_context * state = nullptr;
     int il = 0;
     op_kind kind = KIND_FFN;
+    phase ph = PHASE_DECODE;  // which statistics the op counts into
 };
 
 std::mutex g_mutex;
@@ -79,7 +80,7 @@ struct actsparse_context {
     // the sparsity they measured under.
     std::vector<std::unique_ptr<counters[]>> stats[N_PHASES];
     std::deque<op_params> params;                    // stable addresses for op userdata
-    std::map<std::pair<int, int>, op_params *> by_layer_kind;
+    std::map<std::pair<int, int>, op_params *> by_layer_kind[N_PHASES];
     std::atomic<uint64_t> checked{0};
     std::atomic<uint32_t> check_max_rel_err_bits{0};  // float bits: max |kernel - dense| / max |dense|
 };
@@ -270,13 +271,16 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     }
     for (size_t i = 0; i < sm->layers.size(); ++i) {
         for (int k = 0; k < N_KINDS; ++k) {
-            op_params p;
-            p.model = sm;
-            p.state = st.get();
-            p.il = (int) i;
-            p.kind = (op_kind) k;
-            st->params.push_back(p);
-            st->by_layer_kind[{ (int) i, k }] = &st->params.back();
+            for (int ph = 0; ph < N_PHASES; ++ph) {
+                op_params p;
+                p.model = sm;
+                p.state = st.get();
+                p.il = (int) i;
+                p.kind = (op_kind) k;
+                p.ph = (phase) ph;
+                st->params.push_back(p);
+                st->by_layer_kind[ph][{ (int) i, k }] = &st->params.back();
+            }
         }
     }
     ctx->set_actsparse(idx, st.get());
@@ -413,7 +417,7 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (nrows == 1) {
         const int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
         zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, ACTSPARSE_ACT_NONE, i0, i1);
-        counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
+        counters & c = p->state->stats[p->ph][p->model->layers[p->il].il][p->kind];
         c.zero += (uint64_t) zeros;
         c.total += (uint64_t) (i1 - i0);
         return;
@@ -424,7 +428,7 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
         float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
         zeros += actsparse_act_mask(xr, yr, t, scalar, ACTSPARSE_ACT_NONE, 0, n);
     }
-    counters & c = p->state->stats[PHASE_PREFILL][p->model->layers[p->il].il][p->kind];
+    counters & c = p->state->stats[p->ph][p->model->layers[p->il].il][p->kind];
     c.zero += (uint64_t) zeros;
     c.total += (uint64_t) ((r1 - r0) * n);
 }
@@ -582,7 +586,7 @@ static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, co
     return (1.0 - s) * (double) ggml_nbytes(wt) <= SPARSE_BYTES_MARGIN * (double) ggml_nbytes(w);
 }
 
-static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, op_params *& p,
+static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, phase ph, op_params *& p,
                    const sparse_layer *& sl) {
     if (!st || st->level < 0 || !w) return false;
     weight_ref ref;
@@ -593,7 +597,7 @@ static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, 
         ref = it->second;
     }
     sl = &st->model->layers[ref.il];
-    p = st->by_layer_kind.at({ ref.il, kind });
+    p = st->by_layer_kind[ph].at({ ref.il, kind });
     return sl->thresh[kind] != nullptr;
 }
 
@@ -602,13 +606,14 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
                                   actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
-    if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, p, sl)) return nullptr;
+    const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
+    if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, ph, p, sl)) return nullptr;
     ggml_tensor * thr = sl->thresh[KIND_FFN];
     // a = act(W_gate x) with ggml's vectorised op (the same formulas the thresholds were measured on)
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
     g = st->model->act == ACTSPARSE_ACT_GELU ? ggml_gelu(ctx0, g) : ggml_silu(ctx0, g);
     const int64_t n_ff = g->ne[0];
-    const bool decode = n_tokens == 1 && ggml_nrows(cur) == 1 && decode_kernels_enabled();
+    const bool decode = ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * srcs_sel[] = { g, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n_ff, 1, 1, 1, srcs_sel, 2, op_select,
@@ -649,10 +654,11 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
         if (it == g_weights.end() || it->second.kind == KIND_FFN) return nullptr;
         kind = it->second.kind;
     }
-    if (!lookup(w, st, kind, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
+    const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
+    if (!lookup(w, st, kind, ph, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
-    if (n_tokens == 1 && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
+    if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
         const int64_t n = cur->ne[0];
         ggml_tensor * srcs_sel[] = { cur, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,

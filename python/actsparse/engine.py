@@ -29,9 +29,18 @@ def bin_dir() -> Path:
 
 def binary(name: str) -> Path:
     """Path of a built executable such as `llama-completion`; raises EngineError if absent."""
-    path = bin_dir() / name
+    return _executable(bin_dir() / name, "make build")
+
+
+def upstream_binary(name: str) -> Path:
+    """The same tool built from the pinned llama.cpp without patches/ (`make build-upstream`)."""
+    upstream = Path(os.environ.get("ACTSPARSE_UPSTREAM_BUILD_DIR", REPO_ROOT / "build-upstream"))
+    return _executable(upstream.resolve() / "bin" / name, "make build-upstream")
+
+
+def _executable(path: Path, how: str) -> Path:
     if not path.is_file() or not os.access(path, os.X_OK):
-        raise EngineError(f"{path} not found: build the project first (make build)")
+        raise EngineError(f"{path} not found: build it first ({how})")
     return path
 
 

@@ -293,8 +293,9 @@ class Scorer:
         self, stream: list[_Tok], outputs: list[tuple[Any, int]], acc: dict[Any, float]
     ) -> None:
         """Decode tokens in calls of at most n_batch and add each output's target log-probability
-        to ``acc``. No call has a single token, nor a single output row: llama.cpp computes the
-        last layer's FFN only for the output rows, and one row would take the sparse decode path.
+        to ``acc``. No call has a single token (that is decode, with its own kernels), nor a
+        single output row: llama.cpp computes the last layer's FFN only for the output rows, and a
+        one-row product takes ggml's mat-vec path, which rounds differently from the batched one.
         """
         lib = self._lib
         b = self._batch
