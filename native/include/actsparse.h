@@ -30,6 +30,14 @@ ACTSPARSE_API void actsparse_print_stats(struct llama_context * ctx);
 // Print the statistics to stderr when the context is freed (--sparse-stats).
 ACTSPARSE_API void actsparse_print_stats_at_exit(struct llama_context * ctx, bool on);
 
+// Whether models loaded from now on keep ffn_up of layers with thresholds out of the CPU
+// backend's repacked buffers (default: true). Sparse decode reads single rows of ffn_up, which
+// the repacked layouts interleave; a tool that runs the file only densely sets false and gets
+// llama.cpp's dense speed. Sparse levels stay correct either way: on a repacked ffn_up, decode
+// takes the dense product of the masked input.
+ACTSPARSE_API void actsparse_set_plain_up_rows(bool on);
+ACTSPARSE_API bool actsparse_plain_up_rows(void);
+
 #ifdef __cplusplus
 }
 #endif

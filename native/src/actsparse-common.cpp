@@ -20,6 +20,9 @@ static void drain_log_at_exit() {
 void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
     static const bool drain_registered = std::atexit(drain_log_at_exit) == 0;
     (void) drain_registered;
+    // a tool run without --sparse (or with --sparse 0) loads ffn_up repacked, at llama.cpp's
+    // dense speed; --sparse LEVEL keeps it in plain rows for the decode kernels
+    actsparse_set_plain_up_rows(false);
     add_opt(common_arg({ "--sparse" }, "[LEVEL]",
                        "activation sparsity (actsparse): run a model converted by convert_with_thresholds.py "
                        "with the thresholds of LEVEL (default: the file's default level); 0 = dense",
@@ -27,6 +30,7 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
                            // normally handled by actsparse_parse_sparse_arg (the value is optional)
                            params.sparse = true;
                            params.sparse_level = std::stof(value);
+                           actsparse_set_plain_up_rows(params.sparse_level != 0.0f);
                        }));
     add_opt(common_arg({ "--sparse-stats" },
                        "print the realized sparsity during decode (per layer and overall) at exit",
@@ -36,6 +40,7 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
 int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & params) {
     params.sparse = true;
     params.sparse_level = -1.0f;
+    actsparse_set_plain_up_rows(true);
     if (i + 1 >= argc) {
         return 0;
     }
@@ -49,6 +54,7 @@ int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & pa
         throw std::invalid_argument(std::string("error: --sparse level must be in [0, 1), got ") + next);
     }
     params.sparse_level = v;
+    actsparse_set_plain_up_rows(v > 0.0f);
     return 1;
 }
 

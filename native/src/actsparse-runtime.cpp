@@ -209,6 +209,16 @@ static const sparse_model * find_model(const llama_model * model) {
     return it == g_models.end() ? nullptr : it->second.get();
 }
 
+static std::atomic<bool> g_plain_up_rows{ true };
+
+extern "C" void actsparse_set_plain_up_rows(bool on) {
+    g_plain_up_rows = on;
+}
+
+extern "C" bool actsparse_plain_up_rows(void) {
+    return g_plain_up_rows;
+}
+
 extern "C" int actsparse_model_n_levels(const llama_model * model) {
     const sparse_model * sm = find_model(model);
     return sm ? (int) sm->levels.size() : 0;
