@@ -32,3 +32,42 @@ def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "actsparse.cli", *map(str, args)], capture_output=True, text=True
     )
+
+
+# Tensors that each architecture needs beyond a llama-style block, as (name, width): "embd" is
+# n_embd, "head" the attention head size. All are RMS-norm weights, written as ones.
+EXTRA_NORMS = {
+    "qwen3": [("attn_q_norm", "head"), ("attn_k_norm", "head")],
+    "gemma2": [("post_attention_norm", "embd"), ("post_ffw_norm", "embd")],
+    "gemma3": [("attn_q_norm", "head"), ("attn_k_norm", "head"), ("post_attention_norm", "embd"),
+               ("post_ffw_norm", "embd")],
+}  # fmt: skip
+
+
+def derive_arch(src: Path, arch: str, dst: Path) -> None:
+    """Re-label a llama-architecture GGUF as `arch` (same weights and tokenizer; the keys renamed,
+    the norms that arch adds set to ones), for tests of the code paths of other architectures."""
+    import numpy as np
+    from gguf import GGUFValueType
+
+    from actsparse import gguf_io
+
+    reader = gguf_io.open_gguf(src)
+    kv = {}
+    for field in reader.fields.values():
+        if field.name.startswith("llama."):
+            kv[arch + field.name[len("llama") :]] = (field.contents(), field.types[0])
+    n_embd = int(gguf_io.field_value(reader, "llama.embedding_length"))
+    n_head = int(gguf_io.field_value(reader, "llama.attention.head_count"))
+    n_layer = int(gguf_io.field_value(reader, "llama.block_count"))
+    widths = {"embd": n_embd, "head": n_embd // n_head}
+    f32 = gguf_io.GGMLQuantizationType.F32
+    new = [
+        gguf_io.NewTensor(
+            f"blk.{il}.{name}.weight", (widths[w],), f32, lambda n=widths[w]: np.ones(n, np.float32)
+        )
+        for il in range(n_layer)
+        for name, w in EXTRA_NORMS.get(arch, [])
+    ]
+    assert all(vtype != GGUFValueType.ARRAY for _, vtype in kv.values())
+    gguf_io.write_model(reader, arch, dst, kv, new, drop=lambda name: name.startswith("llama."))

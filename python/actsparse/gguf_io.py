@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 # Architectures whose graphs go through llm_graph_context::build_ffn with a parallel gate.
 SUPPORTED_ARCHS = {
     "llama": "silu",
-    "mistral": "silu",
+    "mistral3": "silu",
     "qwen2": "silu",
     "qwen3": "silu",
     "granite": "silu",
