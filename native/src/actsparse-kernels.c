@@ -4,6 +4,7 @@
 #include "ggml-cpu.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
@@ -139,15 +140,32 @@ int64_t actsparse_select(const float * x, const float * t, bool scalar_t, enum a
     return k;
 }
 
+// ACTSPARSE_PREFETCH_BYTES (default 8192) sets the distance, for tuning on other machines.
+static int64_t prefetch_bytes(void) {
+    static int64_t bytes = -1;
+    if (bytes < 0) {
+        const char * v = getenv("ACTSPARSE_PREFETCH_BYTES");
+        bytes = v && atoll(v) > 0 ? atoll(v) : 8192;
+    }
+    return bytes;
+}
+
+static int64_t prefetch_rows(size_t row_bytes) {
+    const int64_t rows = prefetch_bytes() / (int64_t) row_bytes;
+    return rows < 2 ? 2 : rows > 64 ? 64 : rows;
+}
+
 void actsparse_rows_dot(enum ggml_type type, const void * w, size_t row_bytes, int64_t n_per_row,
                         const int32_t * idx, const float * val, const void * x_vd, float * out,
                         int64_t k0, int64_t k1) {
     const struct ggml_type_traits_cpu * tt = ggml_get_type_traits_cpu(type);
+    // Rows are gathered by index, which the hardware prefetcher cannot follow: prefetch the row
+    // a few kilobytes of reads ahead, enough to cover the memory latency.
+    const int64_t ahead = prefetch_rows(row_bytes);
     for (int64_t k = k0; k < k1; ++k) {
-        if (k + 2 < k1) {
-            // rows are gathered by index, which the hardware prefetcher cannot follow
-            const char * ahead = (const char *) w + (size_t) idx[k + 2] * row_bytes;
-            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+        if (k + ahead < k1) {
+            const char * next = (const char *) w + (size_t) idx[k + ahead] * row_bytes;
+            for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next + off);
         }
         float s = 0.0f;
         tt->vec_dot((int) n_per_row, &s, 0, (const char *) w + (size_t) idx[k] * row_bytes, 0, x_vd, 0, 1);
@@ -336,12 +354,15 @@ static void axpy_rows_q8_0(const char * w, size_t rb, const int32_t * idx, const
     int64_t k = 0;
 #if defined(ACTSPARSE_Q8_0_FOUR_ROWS)
     const int64_t j1 = c1 / QK8_0;
+    // rows are gathered by index: prefetch the group of four a few kilobytes of reads ahead
+    const int64_t rows_ahead = prefetch_rows((size_t) (j1 - j0) * sizeof(block_q8_0_t));
+    const int64_t ahead = rows_ahead < 4 ? 4 : rows_ahead / 4 * 4;
     for (; k + 4 <= n; k += 4) {
         const block_q8_0_t * r[4];
-        const block_q8_0_t * next[4];  // rows are gathered by index: prefetch the next four
+        const block_q8_0_t * next[4];
         for (int i = 0; i < 4; ++i) {
             r[i] = (const block_q8_0_t *) (w + (size_t) idx[k + i] * rb);
-            next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + 4 + i < n ? k + 4 + i : k + i] * rb);
+            next[i] = (const block_q8_0_t *) (w + (size_t) idx[k + ahead + i < n ? k + ahead + i : k + i] * rb);
         }
         for (int64_t j = j0; j < j1; ++j) {
             const block_q8_0_t * const b[4] = { r[0] + j, r[1] + j, r[2] + j, r[3] + j };
@@ -623,6 +644,8 @@ static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, cons
     int8_t q[4][UNPACK_CHUNK];
     float d[4][UNPACK_CHUNK / 16], m[4][UNPACK_CHUNK / 16];
     memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    const int64_t rows_ahead = prefetch_rows((size_t) ((c1 - c0) / bs) * ts);
+    const int64_t ahead = rows_ahead < 4 ? 4 : rows_ahead / 4 * 4;
     for (int64_t k = 0; k < n; k += 4) {
         const uint8_t * r[4];
         float v[4];
@@ -634,9 +657,9 @@ static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, cons
             const int64_t len = c1 - c < UNPACK_CHUNK ? c1 - c : UNPACK_CHUNK;
             const size_t off = (size_t) (c / bs) * ts;
             for (int i = 0; i < 4; ++i) {
-                if (k + 4 + i < n) {
-                    // rows are gathered by index: prefetch this chunk of the next four
-                    const uint8_t * nx = (const uint8_t *) w + (size_t) idx[k + 4 + i] * rb + off;
+                if (k + ahead + i < n) {
+                    // rows are gathered by index: prefetch this chunk a few kilobytes of reads ahead
+                    const uint8_t * nx = (const uint8_t *) w + (size_t) idx[k + ahead + i] * rb + off;
                     for (size_t o = 0; o < (size_t) (len / bs) * ts; o += 64) __builtin_prefetch(nx + o);
                 }
                 unpack(r[i] + off, len / bs, q[i], d[i], m[i]);
