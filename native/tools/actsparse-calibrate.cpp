@@ -373,8 +373,8 @@ int main(int argc, char ** argv) {
 
     const bool add_bos = llama_vocab_get_add_bos(vocab);
     const int per_window = o.window - (add_bos ? 1 : 0);
-    const int n_windows = std::min<int64_t>((int64_t) tokens.size() / per_window,
-                                            (o.n_tokens + o.window - 1) / o.window);
+    const int64_t n_available = (int64_t) tokens.size() / per_window;
+    const int n_windows = (int) std::min<int64_t>(n_available, (o.n_tokens + o.window - 1) / o.window);
     if (n_windows < 1) {
         die("calibration text has " + std::to_string(tokens.size()) + " tokens, shorter than one window of " +
             std::to_string(o.window));
@@ -413,7 +413,10 @@ int main(int argc, char ** argv) {
         for (int w = 0; w < n_windows; ++w) {
             int k = 0;
             if (add_bos) win[k++] = llama_vocab_bos(vocab);
-            std::memcpy(win.data() + k, tokens.data() + (size_t) w * per_window, per_window * sizeof(llama_token));
+            // windows spread evenly over the whole text, not its first n_tokens: a corpus (or a
+            // user's file) ordered by source or topic is then sampled across all of them
+            const int64_t slot = (int64_t) w * n_available / n_windows;
+            std::memcpy(win.data() + k, tokens.data() + (size_t) slot * per_window, per_window * sizeof(llama_token));
             // every position requests its logits: otherwise llama.cpp computes the last layer's FFN
             // for the final token only, and that layer's statistics would miss the others
             batch.n_tokens = o.window;
