@@ -36,8 +36,10 @@ def test_architecture_converts_and_runs_sparse(small_model_path: Path, tmp_path:
     src = tmp_path / f"{arch}.gguf"
     derive_arch(small_model_path, arch, src)
     out = tmp_path / f"{arch}.sparse.gguf"
-    run_converter(src, "-o", out, "--calib-tokens", 1024, "--window", 256, "--sparsity", f"0.3,{LEVEL}", "-q",
-                  check=True)  # fmt: skip
+    text = tmp_path / "calib.txt"
+    text.write_text(calibration_corpus().text[:8000])  # about 7 windows of 256 tokens, all used
+    run_converter(src, "-o", out, "--calib-file", text, "--calib-tokens", 4096, "--window", 256,
+                  "--sparsity", f"0.3,{LEVEL}", "-q", check=True)  # fmt: skip
 
     info = json.loads(run_cli("inspect", out, "--json").stdout)
     assert info["arch"] == arch and info["n_layer"] == 30
@@ -46,11 +48,9 @@ def test_architecture_converts_and_runs_sparse(small_model_path: Path, tmp_path:
     # On the calibration text itself every layer's FFN realizes its target: the runtime applies
     # the activation (GELU for the gemmas) and the thresholds as calibration measured them. The
     # attention inputs drift more (calibration ran dense; here every earlier layer is sparse).
-    text = tmp_path / "calib.txt"
-    text.write_text(calibration_corpus().text[:8000])
     proc = subprocess.run(
         [str(engine.binary("llama-perplexity")), "-m", str(out), "-f", str(text), "-c", "256",
-         "--chunks", "4", "-t", "2", "--sparse", str(LEVEL), "--sparse-stats"],
+         "-t", "2", "--sparse", str(LEVEL), "--sparse-stats"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
