@@ -299,6 +299,18 @@ static void axpy_range(enum ggml_type type, const void * row, float v, float * y
     }
 }
 
+#if defined(__ARM_NEON) && defined(__aarch64__)
+// a[0:4] (16 floats) += s * q[0:16], the int8 values widened to float.
+static inline void neon_fma_int8x16(float32x4_t a[4], float32x4_t s, const int8_t * q) {
+    const int8x16_t qv = vld1q_s8(q);
+    const int16x8_t q0 = vmovl_s8(vget_low_s8(qv)), q1 = vmovl_high_s8(qv);
+    a[0] = vfmaq_f32(a[0], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
+    a[1] = vfmaq_f32(a[1], s, vcvtq_f32_s32(vmovl_high_s16(q0)));
+    a[2] = vfmaq_f32(a[2], s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
+    a[3] = vfmaq_f32(a[3], s, vcvtq_f32_s32(vmovl_high_s16(q1)));
+}
+#endif
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || (defined(__ARM_NEON) && defined(__aarch64__))
 #define ACTSPARSE_Q8_0_FOUR_ROWS 1
 // yj[0:32] += sum_i s[i] * q_i[0:32]: one Q8_0 block of four rows, the 32 outputs held in
@@ -329,15 +341,8 @@ static inline void q8_0_block_four_rows(float * yj, const block_q8_0_t * const b
     for (int l = 0; l < 8; ++l) a[l] = vld1q_f32(yj + 4 * l);
     for (int i = 0; i < 4; ++i) {
         const float32x4_t si = vdupq_n_f32(s[i]);
-        for (int h = 0; h < 2; ++h) {
-            const int8x16_t q = vld1q_s8(b[i]->qs + 16 * h);
-            const int16x8_t q0 = vmovl_s8(vget_low_s8(q)), q1 = vmovl_high_s8(q);
-            float32x4_t * ah = a + 4 * h;
-            ah[0] = vfmaq_f32(ah[0], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
-            ah[1] = vfmaq_f32(ah[1], si, vcvtq_f32_s32(vmovl_high_s16(q0)));
-            ah[2] = vfmaq_f32(ah[2], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
-            ah[3] = vfmaq_f32(ah[3], si, vcvtq_f32_s32(vmovl_high_s16(q1)));
-        }
+        neon_fma_int8x16(a, si, b[i]->qs);
+        neon_fma_int8x16(a + 4, si, b[i]->qs + 16);
     }
     for (int l = 0; l < 8; ++l) vst1q_f32(yj + 4 * l, a[l]);
 #endif
@@ -592,15 +597,7 @@ static inline void int8_16_four_rows(float * y, const int8_t * const q[4], const
     const float32x4_t ov = vdupq_n_f32(o);
     float32x4_t a[4];
     for (int l = 0; l < 4; ++l) a[l] = vaddq_f32(vld1q_f32(y + 4 * l), ov);
-    for (int i = 0; i < 4; ++i) {
-        const float32x4_t si = vdupq_n_f32(s[i]);
-        const int8x16_t qv = vld1q_s8(q[i]);
-        const int16x8_t q0 = vmovl_s8(vget_low_s8(qv)), q1 = vmovl_high_s8(qv);
-        a[0] = vfmaq_f32(a[0], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))));
-        a[1] = vfmaq_f32(a[1], si, vcvtq_f32_s32(vmovl_high_s16(q0)));
-        a[2] = vfmaq_f32(a[2], si, vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))));
-        a[3] = vfmaq_f32(a[3], si, vcvtq_f32_s32(vmovl_high_s16(q1)));
-    }
+    for (int i = 0; i < 4; ++i) neon_fma_int8x16(a, vdupq_n_f32(s[i]), q[i]);
     for (int l = 0; l < 4; ++l) vst1q_f32(y + 4 * l, a[l]);
 #else
     for (int c = 0; c < 16; ++c) {
