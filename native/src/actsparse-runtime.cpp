@@ -484,7 +484,12 @@ static void op_up_rows(ggml_tensor * dst, int ith, int nth, void * userdata) {
                        (float *) dst->data, k0, k1);
 }
 
-// y = sum_k v_k W_t[idx_k, :], columns split across threads in whole blocks.
+// Two partial sums y_g = sum over half g of the active rows of v_k W_t[idx_k, :], in the two
+// rows of dst (the graph adds them). Gathered rows are bound by memory latency, which one thread
+// streaming whole rows hides better than two threads reading half rows each; with more threads,
+// each half's columns are split further in whole blocks.
+static constexpr int AXPY_ROW_GROUPS = 2;
+
 static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const ggml_tensor * wt = dst->src[0];
@@ -496,9 +501,30 @@ static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t ncols = wt->ne[0];
     const int64_t bs = ggml_blck_size(wt->type);
     const int64_t nblocks = ncols / bs;
-    const int64_t c0 = nblocks * ith / nth * bs, c1 = nblocks * (ith + 1) / nth * bs;
+    const int64_t k = s[0];
+    float * y = (float *) dst->data;
+    if (nth == 1) {
+        actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, k, y, 0, ncols);
+        std::memset((char *) dst->data + dst->nb[1], 0, ncols * sizeof(float));
+        return;
+    }
+    const int g = ith % AXPY_ROW_GROUPS;                           // this thread's half of the rows
+    const int gi = ith / AXPY_ROW_GROUPS;                          // its place among that half's threads
+    const int gn = (nth - g + AXPY_ROW_GROUPS - 1) / AXPY_ROW_GROUPS;  // threads on that half
+    const int64_t k0 = k * g / AXPY_ROW_GROUPS, k1 = k * (g + 1) / AXPY_ROW_GROUPS;
+    const int64_t c0 = nblocks * gi / gn * bs, c1 = nblocks * (gi + 1) / gn * bs;
     if (c0 >= c1) return;
-    actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, s[0], (float *) dst->data, c0, c1);
+    actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1 + k0, v + k0, k1 - k0,
+                        (float *) ((char *) dst->data + g * dst->nb[1]), c0, c1);
+}
+
+// The input-sparse product over a transposed copy: op_axpy's partial sums, added.
+static ggml_tensor * sparse_product(ggml_context * ctx0, ggml_tensor * wt, ggml_tensor * sel, ggml_tensor * vals,
+                                    op_params * p) {
+    ggml_tensor * srcs[] = { wt, sel, vals };
+    ggml_tensor * parts = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], AXPY_ROW_GROUPS, 1, 1, srcs, vals ? 3 : 2,
+                                         op_axpy, GGML_N_TASKS_MAX, p);
+    return ggml_add(ctx0, ggml_view_1d(ctx0, parts, wt->ne[0], 0), ggml_view_1d(ctx0, parts, wt->ne[0], parts->nb[1]));
 }
 
 // Compact h_k back to its channels (zero elsewhere), for a dense product with the original.
@@ -638,9 +664,7 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
                                               GGML_N_TASKS_MAX, p);
             return ggml_mul_mat(ctx0, down, hd);
         }
-        ggml_tensor * srcs_down[] = { wt, sel, h };
-        ggml_tensor * y = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs_down, 3, op_axpy,
-                                         GGML_N_TASKS_MAX, p);
+        ggml_tensor * y = sparse_product(ctx0, wt, sel, h, p);
         if (check_decode()) {
             // the dense reference reads W_down^T back from the copy, so only the kernels differ
             ggml_tensor * a = masked(ctx0, g, thr, p);
@@ -673,9 +697,7 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
         ggml_tensor * srcs_sel[] = { cur, thr };
         ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,
                                            GGML_N_TASKS_MAX, p);
-        ggml_tensor * srcs[] = { wt, sel };
-        ggml_tensor * y = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], 1, 1, 1, srcs, 2, op_axpy,
-                                         GGML_N_TASKS_MAX, p);
+        ggml_tensor * y = sparse_product(ctx0, wt, sel, nullptr, p);
         if (check_decode()) {
             ggml_tensor * wd = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32)));
             y = with_check(ctx0, y, ggml_mul_mat(ctx0, wd, masked(ctx0, cur, thr, p)), p);
