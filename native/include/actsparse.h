@@ -38,6 +38,13 @@ ACTSPARSE_API void actsparse_print_stats_at_exit(struct llama_context * ctx, boo
 ACTSPARSE_API void actsparse_set_plain_up_rows(bool on);
 ACTSPARSE_API bool actsparse_plain_up_rows(void);
 
+// Test hook (process-wide): RECORD keeps the mask each single-token decode applied, per layer and
+// kind; REPLAY makes the following batches apply those masks, in order, instead of comparing with
+// the thresholds, so that decode and batched prefill can be compared with identical masks. OFF
+// (the default) forgets the recording.
+enum actsparse_trace_mode { ACTSPARSE_TRACE_OFF = 0, ACTSPARSE_TRACE_RECORD = 1, ACTSPARSE_TRACE_REPLAY = 2 };
+ACTSPARSE_API void actsparse_mask_trace(int mode);
+
 #ifdef __cplusplus
 }
 #endif

@@ -404,6 +404,78 @@ extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size
     return (int) js.size();
 }
 
+// ---- mask trace (tests) -----------------------------------------------------------------------
+// The thresholds make the function discontinuous: an input next to its threshold flips with the
+// rounding of the product that computed it, and a one-row product rounds differently from an n-row
+// one. To compare decode with batched prefill as functions, a test records the mask every decode
+// token used and replays those masks in one batch over the same tokens (actsparse_mask_trace).
+// While tracing, the mask ops run on one thread so that the per-layer cursors advance in order.
+
+namespace actsparse_detail {
+
+struct mask_trace {
+    std::mutex mutex;
+    std::map<std::pair<int, int>, std::vector<std::vector<uint8_t>>> masks;  // (layer, kind) -> per token
+    std::map<std::pair<int, int>, size_t> cursor;
+};
+
+std::atomic<int> g_trace_mode{ACTSPARSE_TRACE_OFF};
+mask_trace g_trace;
+
+}  // namespace actsparse_detail
+
+extern "C" void actsparse_mask_trace(int mode) {
+    std::lock_guard<std::mutex> lock(g_trace.mutex);
+    if (mode == ACTSPARSE_TRACE_REPLAY) {
+        g_trace.cursor.clear();
+    } else {
+        g_trace.masks.clear();
+        g_trace.cursor.clear();
+    }
+    g_trace_mode = mode;
+}
+
+static void trace_record(const op_params * p, std::vector<uint8_t> && active) {
+    std::lock_guard<std::mutex> lock(g_trace.mutex);
+    g_trace.masks[{ p->model->layers[p->il].il, p->kind }].push_back(std::move(active));
+}
+
+// The next recorded mask of this layer and kind, or null when the recording has none left.
+static const std::vector<uint8_t> * trace_next(const op_params * p, int64_t n) {
+    std::lock_guard<std::mutex> lock(g_trace.mutex);
+    const std::pair<int, int> key{ p->model->layers[p->il].il, p->kind };
+    const auto & list = g_trace.masks[key];
+    size_t & at = g_trace.cursor[key];
+    if (at >= list.size() || (int64_t) list[at].size() != n) return nullptr;
+    return &list[at++];
+}
+
+// op_mask while tracing: the whole tensor on thread 0, recording single rows or replaying.
+static int64_t traced_mask(const op_params * p, const ggml_tensor * x, ggml_tensor * dst, const float * t,
+                           bool scalar) {
+    const int64_t n = x->ne[0];
+    int64_t zeros = 0;
+    for (int64_t r = 0; r < ggml_nrows(x); ++r) {
+        const float * xr = (const float *) ((const char *) x->data + r * x->nb[1]);
+        float * yr = (float *) ((char *) dst->data + r * dst->nb[1]);
+        const std::vector<uint8_t> * replay = g_trace_mode == ACTSPARSE_TRACE_REPLAY ? trace_next(p, n) : nullptr;
+        if (replay) {
+            for (int64_t i = 0; i < n; ++i) {
+                yr[i] = (*replay)[i] ? xr[i] : 0.0f;
+                zeros += !(*replay)[i];
+            }
+            continue;
+        }
+        zeros += actsparse_act_mask(xr, yr, t, scalar, ACTSPARSE_ACT_NONE, 0, n);
+        if (g_trace_mode == ACTSPARSE_TRACE_RECORD && ggml_nrows(x) == 1) {
+            std::vector<uint8_t> active(n);
+            for (int64_t i = 0; i < n; ++i) active[i] = yr[i] != 0.0f;
+            trace_record(p, std::move(active));
+        }
+    }
+    return zeros;
+}
+
 // ---- ops --------------------------------------------------------------------------------------
 
 static const float * thresholds_row(const ggml_tensor * thr, int level) {
@@ -424,6 +496,13 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const float * t = thresholds_row(thr, p->state->level);
     const bool scalar = thr->ne[0] == 1;
     int64_t zeros = 0;
+    if (g_trace_mode != ACTSPARSE_TRACE_OFF) {
+        if (ith != 0) return;
+        counters & c = p->state->stats[p->ph][p->model->layers[p->il].il][p->kind];
+        c.zero += (uint64_t) traced_mask(p, x, dst, t, scalar);
+        c.total += (uint64_t) (nrows * n);
+        return;
+    }
     if (nrows == 1) {
         const int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
         zeros = actsparse_act_mask((const float *) x->data, (float *) dst->data, t, scalar, ACTSPARSE_ACT_NONE, i0, i1);
@@ -455,6 +534,11 @@ static void op_select(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level),
                                        thr->ne[0] == 1, ACTSPARSE_ACT_NONE, n, out + 1, (float *) (out + 1 + n));
     out[0] = (int32_t) k;
+    if (g_trace_mode == ACTSPARSE_TRACE_RECORD) {
+        std::vector<uint8_t> active(n);
+        for (int64_t i = 0; i < k; ++i) active[out[1 + i]] = 1;
+        trace_record(p, std::move(active));
+    }
     counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
     c.zero += (uint64_t) (n - k);
     c.total += (uint64_t) n;

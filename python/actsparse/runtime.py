@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL:
         lib.actsparse_model_level.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.actsparse_model_default_level.restype = ctypes.c_float
         lib.actsparse_model_default_level.argtypes = [ctypes.c_void_p]
+        lib.actsparse_mask_trace.restype = None
+        lib.actsparse_mask_trace.argtypes = [ctypes.c_int]
         lib._actsparse_ready = True
     return lib
 
@@ -73,6 +75,18 @@ def sparse_stats(llm: Any) -> dict[str, Any]:
     buf = ctypes.create_string_buffer(n + 1)
     lib.actsparse_stats_json(llm._ctx.ctx, buf, len(buf))
     return json.loads(buf.value.decode())
+
+
+TRACE_MODES = {"off": 0, "record": 1, "replay": 2}
+
+
+def trace_masks(mode: str) -> None:
+    """Test hook, process-wide: "record" keeps the masks of single-token decodes, "replay" applies
+    them, in order, to the following batches instead of the thresholds, "off" forgets them.
+
+    It lets a test compare decode with batched prefill under identical masks
+    (actsparse_mask_trace in native/include/actsparse.h)."""
+    _lib().actsparse_mask_trace(TRACE_MODES[mode])
 
 
 def Llama(model_path: str, sparse: float | bool | None = None, **kwargs: Any) -> Any:  # noqa: N802
