@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from actsparse import calibration, engine, gguf_io
+from actsparse import calibration, engine, gguf_io, thresholds
 from actsparse.data import heldout_corpus
+from actsparse.evaluate import parse_sparsity_table
 from actsparse.gguf_io import field_value
 from helpers import run_cli, run_converter, sha256_file
 
@@ -114,34 +115,32 @@ def test_output_loads_in_the_patched_build(converted: dict) -> None:
     assert len(proc.stdout.strip()) > len("Paris is")
 
 
-def test_realized_sparsity_on_heldout_text(converted: dict) -> None:
-    """Each layer's FFN sparsity on held-out text stays near its target (reference: the dense
-    engine's activations on text never used for calibration).
+def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> None:
+    """Each layer's FFN sparsity, realized by the runtime (llama-perplexity --sparse, batched) on
+    held-out text, stays within ±0.03 of its target, and the model-wide sparsity within ±0.01.
 
-    Measured here (Wikipedia calibration, LAMBADA fiction held out): every layer is within
-    ±0.03 up to level 0.5. At 0.6 and 0.7 layer 0, whose input is the token embedding and so
-    follows the text's vocabulary, realizes +0.027..0.032 and +0.033..0.037 whatever the
-    calibration size (4k or 16k tokens). That domain shift is reported, not hidden: levels above
-    0.5 are held to ±0.045.
+    The converter's sparse-aware pass re-took every level's quantiles with the runtime at that
+    level; what remains is the shift between calibration text (Wikipedia) and this held-out
+    fiction (LAMBADA), largest in the last layers.
     """
-    r = GGUFReader(converted["output"])
-    t = {x.name: x for x in r.tensors}
-    n_layer = 30
-    stats = calibration.collect(
-        converted["input"], heldout_corpus().text[:60000], tokens=1024, window=512, threads=2, chess=False,
-        dump_layers=tuple(range(n_layer)), dump_tokens=1024, progress=False,
-    )  # fmt: skip
-    deviation = np.zeros((n_layer, len(LEVELS)))
-    for il in range(n_layer):
-        a = np.abs(stats.layers[il].dumps["ffn_act"])
-        thr = np.asarray(t[f"blk.{il}.ffn_act_thresh"].data).reshape(len(LEVELS), -1)
-        for k, s in enumerate(LEVELS):
-            deviation[il, k] = float(np.mean(a <= thr[k])) - s
-    worst = np.abs(deviation).max(axis=0)
-    strict = np.array(LEVELS) <= 0.5
-    assert np.all(worst[strict] <= 0.03), f"worst per-layer deviation per level {worst}"
-    assert np.all(worst <= 0.045), f"worst per-layer deviation per level {worst}"
-    assert np.all(np.abs(deviation.mean(axis=0)) <= 0.01), "the model-wide sparsity must match the target"
+    text = tmp_path / "heldout.txt"
+    text.write_text(heldout_corpus().text[:60000])
+    deviation = []
+    for level in LEVELS:
+        proc = subprocess.run(
+            [str(engine.binary("llama-perplexity")), "-m", str(converted["output"]), "-f", str(text),
+             "-c", "512", "--chunks", "8", "-t", "2", "--sparse", f"{level:g}", "--sparse-stats"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        realized = parse_sparsity_table(proc.stderr, "prefill")
+        assert len(realized["layers"]) == 30
+        deviation.append([layer["ffn"] - level for layer in realized["layers"]])
+        assert realized["overall"]["ffn"] == pytest.approx(level, abs=0.01)
+    worst = np.abs(np.array(deviation)).max(axis=1)
+    assert np.all(worst <= 0.03), (
+        f"worst per-layer deviation per level {dict(zip(LEVELS, worst.round(3), strict=True))}"
+    )
 
 
 def test_cats_has_one_threshold_per_layer(small_model_path: Path, tmp_path: Path) -> None:
@@ -230,22 +229,32 @@ def test_nan_weights_are_a_clear_error(small_model_path: Path, tmp_path: Path) -
     assert sha256_file(damaged) == before
 
 
-def test_saved_statistics_reproduce_the_thresholds(small_sparse_dir: Path) -> None:
-    """chess.gguf was written from the statistics chess-attn.gguf saved: same FFN thresholds and
-    calibration record, no attention thresholds."""
-    a, b = GGUFReader(small_sparse_dir / "chess-attn.gguf"), GGUFReader(small_sparse_dir / "chess.gguf")
-    ta = {t.name: np.asarray(t.data) for t in a.tensors if "thresh" in t.name}
-    tb = {t.name: np.asarray(t.data) for t in b.tensors if "thresh" in t.name}
-    assert set(tb) == {n for n in ta if "ffn_act_thresh" in n} and len(tb) == 30
-    for name, values in tb.items():
-        np.testing.assert_array_equal(values, ta[name])
+def test_saved_statistics_reproduce_the_thresholds(
+    small_sparse_dir: Path, small_model_path: Path, tmp_path: Path
+) -> None:
+    """--load-stats without the sparse-aware pass writes exactly the thresholds of the saved
+    statistics, and the calibration record of the conversion that saved them."""
+    stats_file = small_sparse_dir / "stats.gguf"
+    out = tmp_path / "chess.gguf"
+    run_converter(small_model_path, "-o", out, "--no-attn", "--load-stats", stats_file, "--refine-tokens", 0,
+                  "-q", check=True)  # fmt: skip
+    stats = calibration.read_stats(stats_file)
+    r = GGUFReader(out)
+    written = {x.name: np.asarray(x.data) for x in r.tensors if "thresh" in x.name}
+    assert len(written) == 30 and all("ffn_act_thresh" in n for n in written)
+    for il, ls in enumerate(stats.layers):
+        expect = thresholds.chess_thresholds(ls.mean_abs_up, ls.score_hist, LEVELS)
+        np.testing.assert_array_equal(written[f"blk.{il}.ffn_act_thresh"].reshape(expect.shape), expect)
+    a = GGUFReader(small_sparse_dir / "chess-attn.gguf")
     for key in (
         "actsparse.calibration.sha256",
         "actsparse.calibration.source",
         "actsparse.calibration.tokens",
     ):
-        assert field_value(a, key) == field_value(b, key)
-    assert field_value(b, "actsparse.calibration.source") == "wiki-qa-passages"
+        assert field_value(a, key) == field_value(r, key)
+    assert field_value(r, "actsparse.calibration.source") == "qa-passages"
+    assert field_value(r, "actsparse.calibration.sparse_aware_tokens") == 0
+    assert field_value(a, "actsparse.calibration.sparse_aware_tokens") == 4096
 
 
 def test_load_stats_refuses_files_that_do_not_fit(

@@ -11,7 +11,7 @@ from actsparse.data import CHESS_TASKS, UnknownTaskError
 
 # Pinned so that a calibration or perplexity figure can always be traced to its exact text.
 CORPUS_SHA256 = {
-    "wiki-qa-passages": "ef8b1d6c0a6c39d61c8239eb0be05a2cb80ec039682d3f147c6e2e66c1504b1c",
+    "qa-passages": "acdc84e03e95611a46c22c82dd6e3e427829ab2e4bf57970eec458cfbbf3fab5",
     "lambada": "c5c11e0fdc32ef3d7ae1e08b2f9d4e79a4e5b16978ff5793f843cb291b208832",
     "boolq-passages": "1f73a3203c9de7ef3b16f09fb7834b947a76d7559e6056685373bd908fd543c6",
 }
@@ -79,9 +79,9 @@ def test_corpus_is_reproducible(name: str) -> None:
 
 
 def test_corpus_sizes(calibration: data.Corpus, heldout: data.Corpus) -> None:
-    assert calibration.name == data.CALIBRATION_CORPUS == "wiki-qa-passages"
+    assert calibration.name == data.CALIBRATION_CORPUS == "qa-passages"
     assert heldout.name == data.HELDOUT_CORPUS == "lambada"
-    assert 1_100_000 < calibration.n_bytes < 1_400_000
+    assert 1_700_000 < calibration.n_bytes < 2_000_000
     assert 1_600_000 < heldout.n_bytes < 1_800_000
     assert len(heldout.passages) == 5151
     assert data.calibration_text() == calibration.text
@@ -189,5 +189,5 @@ def test_unknown_task_and_variant() -> None:
         data.load_task("boolq", "nope")
     with pytest.raises(UnknownTaskError):
         data.load_task("boolq", "test_rc_0shot")  # derivable for ARC only
-    with pytest.raises(data.UnknownCorpusError, match="known corpora: wiki-qa-passages, lambada"):
+    with pytest.raises(data.UnknownCorpusError, match="known corpora: qa-passages, lambada"):
         data.load_corpus("c4")

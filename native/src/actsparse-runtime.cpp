@@ -731,6 +731,8 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     ggml_tensor * thr = sl->thresh[KIND_FFN];
     // a = act(W_gate x) with ggml's vectorised op (the same formulas the thresholds were measured on)
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
+    // llama.cpp's names for these nodes, so that eval callbacks (actsparse-calibrate --sparse) find them
+    ggml_format_name(g, "ffn_gate-%d", sl->il);
     g = st->model->act == ACTSPARSE_ACT_GELU ? ggml_gelu(ctx0, g) : ggml_silu(ctx0, g);
     const int64_t n_ff = g->ne[0];
     const bool decode = ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled();
@@ -758,6 +760,7 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
         return y;
     }
     ggml_tensor * u = ggml_mul_mat(ctx0, up, cur);
+    ggml_format_name(u, "ffn_up-%d", sl->il);
     return ggml_mul_mat(ctx0, down, ggml_mul(ctx0, masked(ctx0, g, thr, p), u));
 }
 

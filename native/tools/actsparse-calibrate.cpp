@@ -7,6 +7,11 @@
 //                   histograms of |x| at the input of W_q ("attn_norm-N") and of W_o ("kqv_out-N").
 // Pass 2 (--chess): per layer, histogram of the CHESS score |a_i| * E|u_i| over the same tokens.
 //
+// --sparse LEVEL runs a model that carries thresholds at that level, so that each layer's statistics
+// are those of the runtime, whose earlier layers are sparse. With --mean-abs-up STATS.gguf (E|u_i|
+// of an earlier run) a single pass collects everything but E|u_i|: the converter re-takes each
+// level's quantiles that way without moving the per-channel shape of the CHESS thresholds.
+//
 // Histograms have one bin per bfloat16 value (the top 16 bits of the float), so a quantile taken
 // from them is exact up to linear interpolation inside a bin of relative width 2^-7.
 //
@@ -17,6 +22,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 #include "llama.h"
+#include "actsparse.h"
 
 #include <cerrno>
 #include <chrono>
@@ -49,6 +55,8 @@ struct options {
     std::string source_sha256;  // can be reused by a later conversion without re-reading it
     std::set<int> dump_layers;
     int         dump_tokens = 0;
+    float       sparse = 0.0f;        // run at this sparsity level of the model's thresholds (0: dense)
+    std::string mean_abs_up_file;     // E|u_i| from these statistics instead of a first pass
 };
 
 struct layer_stats {
@@ -57,7 +65,7 @@ struct layer_stats {
     std::vector<double> hist_score;         // |a| * m
     std::vector<double> hist_q_in;          // |x| entering W_q
     std::vector<double> hist_o_in;          // |x| entering W_o
-    std::vector<double> mean_abs_up;        // m_i, fixed after pass 1
+    std::vector<double> mean_abs_up;        // m_i, fixed after pass 1 (or given)
     std::vector<float>  dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
     int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
@@ -144,6 +152,7 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
     if (ask) {
         if (kind == node_kind::none || t->type != GGML_TYPE_F32) return false;
         if (c->pass == 2) return kind == node_kind::gate;
+        if (c->pass == 3) return kind != node_kind::up;
         return true;
     }
     if (kind == node_kind::none || il < 0 || il >= (int) c->layers.size() || !c->error.empty()) {
@@ -180,11 +189,12 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
         case node_kind::gate: {
             std::vector<float> & a = c->buf;
             for (int64_t k = 0; k < ne0 * nrows; ++k) a[k] = apply_act(c->act, a[k]);
-            if (c->pass == 1) {
+            if (c->pass != 2) {
                 add_hist(L.hist_act, a.data(), ne0 * nrows);
                 L.n_tok_act += nrows;
                 dump(L.dump_act);
-            } else {
+            }
+            if (c->pass != 1) {
                 if ((int64_t) L.mean_abs_up.size() != ne0) { c->error = "ffn_gate/ffn_up width mismatch"; return false; }
                 if (L.hist_score.empty()) L.hist_score.assign(N_BINS, 0.0);
                 for (int64_t r = 0; r < nrows; ++r)
@@ -224,6 +234,8 @@ void print_usage() {
         "  -c, --window N          tokens per window, each evaluated from an empty cache (default 512)\n"
         "  -t, --threads N         threads (default 2)\n"
         "      --cats-only         skip the second pass (CHESS scores)\n"
+        "      --sparse LEVEL      run at this sparsity level of MODEL's thresholds\n"
+        "      --mean-abs-up PATH  take E|u_i| from these statistics; one pass collects the rest\n"
         "      --source NAME       name of the calibration text, stored in the statistics\n"
         "      --source-sha256 HEX its sha256, stored in the statistics\n"
         "      --dump-layers L,..  also store raw activations of these layers (for tests)\n"
@@ -255,6 +267,13 @@ options parse_args(int argc, char ** argv) {
         else if (a == "-c" || a == "--window") o.window = parse_int(a.c_str(), next());
         else if (a == "-t" || a == "--threads") o.n_threads = parse_int(a.c_str(), next());
         else if (a == "--cats-only") o.chess = false;
+        else if (a == "--mean-abs-up") o.mean_abs_up_file = next();
+        else if (a == "--sparse") {
+            const char * v = next();
+            char * end = nullptr;
+            o.sparse = std::strtof(v, &end);
+            if (end == v || *end || !(o.sparse > 0.0f && o.sparse < 1.0f)) die(std::string("invalid --sparse level: ") + v);
+        }
         else if (a == "--source") o.source = next();
         else if (a == "--source-sha256") o.source_sha256 = next();
         else if (a == "--dump-tokens") o.dump_tokens = parse_int(a.c_str(), next());
@@ -319,13 +338,14 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     gguf_set_val_bool(g, "actsparse.stats.has_scores", o.chess);
     gguf_set_val_str(g, "actsparse.stats.source", o.source.c_str());
     gguf_set_val_str(g, "actsparse.stats.source_sha256", o.source_sha256.c_str());
+    gguf_set_val_f32(g, "actsparse.stats.sparse_level", o.sparse);
     for (size_t il = 0; il < c.layers.size(); ++il) {
         const layer_stats & L = c.layers[il];
         const std::string p = "blk." + std::to_string(il) + ".";
         if (L.n_ff > 0) {
             std::vector<double> m(L.sum_abs_up.size());
             for (size_t i = 0; i < m.size(); ++i) m[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
-            add_f64(g, ctx, p + "ffn_up_mean_abs", m, L.n_ff);
+            add_f64(g, ctx, p + "ffn_up_mean_abs", o.mean_abs_up_file.empty() ? m : L.mean_abs_up, L.n_ff);
         }
         if (!L.hist_act.empty())   add_f64(g, ctx, p + "ffn_act_hist", L.hist_act, N_BINS);
         if (!L.hist_score.empty()) add_f64(g, ctx, p + "ffn_score_hist", L.hist_score, N_BINS);
@@ -347,6 +367,26 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     }
     gguf_free(g);
     ggml_free(ctx);
+}
+
+// E|u_i| per layer from a statistics GGUF written by an earlier run.
+void load_mean_abs_up(const std::string & path, std::vector<layer_stats> & layers) {
+    ggml_context * data = nullptr;
+    gguf_init_params gp = { false, &data };
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) die("cannot read statistics " + path);
+    for (size_t il = 0; il < layers.size(); ++il) {
+        const std::string name = "blk." + std::to_string(il) + ".ffn_up_mean_abs";
+        const ggml_tensor * t = ggml_get_tensor(data, name.c_str());
+        if (!t || t->type != GGML_TYPE_F64) die(path + ": tensor '" + name + "' is missing or not F64");
+        layer_stats & L = layers[il];
+        L.n_ff = t->ne[0];
+        L.mean_abs_up.assign((const double *) t->data, (const double *) t->data + t->ne[0]);
+        L.sum_abs_up = L.mean_abs_up;
+        L.n_tok_up = 1;
+    }
+    gguf_free(g);
+    ggml_free(data);
 }
 
 void quiet_log(ggml_log_level level, const char * text, void *) {
@@ -396,12 +436,24 @@ int main(int argc, char ** argv) {
     cp.no_perf = true;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create a context");
+    if (o.sparse > 0.0f) {
+        char err[512] = {0};
+        if (actsparse_set_sparse(ctx, o.sparse, err, sizeof err) != 0) die(err);
+    }
 
-    const int n_pass = o.chess ? 2 : 1;
+    // pass numbers: 1 = E|u|, |a| and attention inputs; 2 = CHESS scores; 3 = both of those but E|u|
+    std::vector<int> passes = { 1 };
+    if (!o.mean_abs_up_file.empty()) {
+        load_mean_abs_up(o.mean_abs_up_file, c.layers);
+        passes = { 3 };
+    } else if (o.chess) {
+        passes = { 1, 2 };
+    }
     int64_t total_tokens = (int64_t) n_windows * o.window;
     std::vector<llama_token> win(o.window);
     llama_batch batch = llama_batch_init(o.window, 0, 1);
-    for (int pass = 1; pass <= n_pass; ++pass) {
+    for (size_t ip = 0; ip < passes.size(); ++ip) {
+        const int pass = passes[ip];
         c.pass = pass;
         if (pass == 2) {
             for (auto & L : c.layers) {
@@ -431,7 +483,7 @@ int main(int argc, char ** argv) {
             const int rc = llama_decode(ctx, batch);
             if (!c.error.empty()) die(c.error);  // the callback's reason beats decode's status
             if (rc != 0) die("llama_decode failed (" + std::to_string(rc) + ")");
-            std::fprintf(stderr, "progress %d %lld %lld\n", pass, (long long) (w + 1) * o.window,
+            std::fprintf(stderr, "progress %d %lld %lld\n", (int) ip + 1, (long long) (w + 1) * o.window,
                          (long long) total_tokens);
             std::fflush(stderr);
         }

@@ -57,6 +57,9 @@ def run_collector(
     dump_layers: tuple[int, ...] = (),
     dump_tokens: int = 0,
     progress: bool = True,
+    sparse: float = 0.0,
+    mean_abs_up_from: Path | None = None,
+    desc: str = "calibrating",
 ) -> None:
     cmd = [
         str(engine.binary("actsparse-calibrate")),
@@ -69,9 +72,13 @@ def run_collector(
         cmd += ["--source", source[0], "--source-sha256", source[1]]
     if dump_layers:
         cmd += ["--dump-layers", ",".join(map(str, dump_layers)), "--dump-tokens", str(dump_tokens)]
+    if sparse:
+        cmd += ["--sparse", f"{sparse:g}"]
+    if mean_abs_up_from is not None:
+        cmd += ["--mean-abs-up", str(mean_abs_up_from)]
     errors: list[str] = []
     bar: tqdm | None = None
-    n_pass = 2 if chess else 1
+    n_pass = 2 if chess and mean_abs_up_from is None else 1
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -80,7 +87,7 @@ def run_collector(
                 pass_no, done, total = int(parts[1]), int(parts[2]), int(parts[3])
                 if bar is None:
                     bar = tqdm(
-                        total=total * n_pass, unit="tok", unit_scale=True, desc="calibrating",
+                        total=total * n_pass, unit="tok", unit_scale=True, desc=desc,
                         disable=not progress, dynamic_ncols=True,
                     )  # fmt: skip
                 bar.update((pass_no - 1) * total + done - bar.n)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from tqdm import tqdm
 
 from . import __version__, calibration, gguf_io, thresholds, transpose
@@ -24,6 +26,7 @@ from .gguf_io import GGUFError, ModelInfo, NewTensor
 DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7"
 DEFAULT_LEVEL = 0.5
 DEFAULT_TOKENS = 65536
+DEFAULT_REFINE_TOKENS = 16384
 DEFAULT_WINDOW = 512
 DEFAULT_TRANSPOSED_TYPE = "q8_0"
 
@@ -64,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_TOKENS,
         help=f"calibration tokens (default {DEFAULT_TOKENS})",
+    )  # fmt: skip
+    p.add_argument(
+        "--refine-tokens", type=int, default=None, metavar="N",
+        help="tokens per level of the second calibration, which runs the written model sparse at that "
+        f"level and re-takes the quantiles there (default: min(--calib-tokens, {DEFAULT_REFINE_TOKENS}); "
+        "0 skips it)",
     )  # fmt: skip
     p.add_argument(
         "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})"
@@ -172,6 +181,48 @@ def _const(name: str, values: np.ndarray, qtype: GGMLQuantizationType) -> NewTen
     return NewTensor(name, (values.shape[1], values.shape[0]), qtype, lambda: values)
 
 
+def sparse_aware_thresholds(
+    model: Path,
+    info: ModelInfo,
+    text: str,
+    dense_stats: Path,
+    levels: list[float],
+    method: str,
+    attn: bool,
+    args: argparse.Namespace,
+    tokens: int,
+) -> dict[str, np.ndarray]:
+    """Each level's thresholds re-taken from statistics of the runtime at that level.
+
+    The first calibration ran the model dense, but at runtime a layer's input comes from sparse
+    layers, so its activations are a little different and deep layers realize more sparsity than
+    their target. Here `model` (already carrying the first thresholds) runs at each level, and the
+    quantiles are taken again from those activations; CHESS keeps the first pass's E|u_i|, so only
+    each layer's tau moves. Returns the new [levels, n] values of every threshold tensor.
+    """
+    rows: dict[str, list[np.ndarray]] = {}
+    for level in levels:
+        stats = calibration.collect(
+            model, text, tokens=tokens, window=args.window, threads=args.threads, chess=method == "chess",
+            sparse=level, mean_abs_up_from=dense_stats if method == "chess" else None,
+            progress=not args.quiet, desc=f"sparse-aware {level:g}",
+        )  # fmt: skip
+        for t in threshold_tensors(info, stats, [level], method, attn):
+            rows.setdefault(t.name, []).append(t.make()[0])
+    # a level's thresholds never fall below the previous level's, as the runtime expects
+    return {name: np.maximum.accumulate(np.stack(v), axis=0) for name, v in rows.items()}
+
+
+def overwrite_thresholds(path: Path, values: dict[str, np.ndarray]) -> None:
+    """Write new values into the threshold tensors of a GGUF in place (same shapes)."""
+    reader = GGUFReader(path, "r+")
+    for t in reader.tensors:
+        if t.name in values:
+            t.data[...] = values[t.name].reshape(t.data.shape)
+    reader.data.flush()
+    del reader
+
+
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
     kinds = [("ffn_down", gguf_io.FFN_DOWN_T)]
     if attn:
@@ -208,25 +259,62 @@ def convert(args: argparse.Namespace) -> Path:
         raise UsageError(f"{model} already carries actsparse thresholds; pass --force to re-calibrate it")
     out: Path = args.output or default_output(model)
     check_output(model, out)
-    attn = not args.no_attn
 
+    refine_tokens = args.refine_tokens
+    if refine_tokens is None:
+        refine_tokens = min(args.calib_tokens, DEFAULT_REFINE_TOKENS)
+    if refine_tokens < 0:
+        raise UsageError("--refine-tokens must be 0 or more")
+    with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
+        return _convert(args, model, reader, info, out, levels, default_level, refine_tokens, Path(tmp))
+
+
+def _convert(
+    args: argparse.Namespace,
+    model: Path,
+    reader: GGUFReader,
+    info: ModelInfo,
+    out: Path,
+    levels: list[float],
+    default_level: float,
+    refine_tokens: int,
+    tmp: Path,
+) -> Path:
+    attn = not args.no_attn
     t0 = time.perf_counter()
     load_stats: Path | None = getattr(args, "load_stats", None)
     if load_stats is not None:
         stats = loaded_stats(load_stats, info, args.method)
         calib = CalibText(stats.source or load_stats.name, "", stats.source_sha256)
+        stats_file = load_stats
     else:
         calib = load_calibration_text(args.calib_file)
+        stats_file = tmp / "stats.gguf"
         stats = calibration.collect(
-            model, calib.text, save_to=getattr(args, "save_stats", None), tokens=args.calib_tokens,
+            model, calib.text, save_to=stats_file, tokens=args.calib_tokens,
             window=args.window, threads=args.threads, chess=args.method == "chess",
             source=(calib.name, calib.sha256), progress=not args.quiet,
         )  # fmt: skip
+        save_stats: Path | None = getattr(args, "save_stats", None)
+        if save_stats is not None:
+            with gguf_io.atomic_output(save_stats) as dest:
+                shutil.copyfile(stats_file, dest)
     t_calib = time.perf_counter() - t0
     if stats.activation != info.activation:
         raise RuntimeError(f"collector used {stats.activation}, the architecture needs {info.activation}")
 
     new = threshold_tensors(info, stats, levels, args.method, attn)
+    refine_text = calib.text if load_stats is None else load_calibration_text(args.calib_file).text
+
+    def refine(path: Path) -> None:
+        if refine_tokens > 0:
+            overwrite_thresholds(
+                path,
+                sparse_aware_thresholds(
+                    path, info, refine_text, stats_file, levels, args.method, attn, args, refine_tokens
+                ),
+            )
+
     new += transposed_tensors(info, attn, args.transposed_type)
     kv: dict[str, tuple[object, GGUFValueType]] = {
         "actsparse.format_version": (gguf_io.FORMAT_VERSION, GGUFValueType.UINT32),
@@ -241,6 +329,7 @@ def convert(args: argparse.Namespace) -> Path:
         "actsparse.calibration.sha256": (calib.sha256, GGUFValueType.STRING),
         "actsparse.calibration.tokens": (stats.tokens, GGUFValueType.UINT64),
         "actsparse.calibration.window": (stats.window, GGUFValueType.UINT32),
+        "actsparse.calibration.sparse_aware_tokens": (refine_tokens, GGUFValueType.UINT64),
         "actsparse.tool": (f"actsparse {__version__}", GGUFValueType.STRING),
     }
     total = sum(t.n_bytes for t in reader.tensors) + sum(t.nbytes for t in new)
@@ -248,7 +337,7 @@ def convert(args: argparse.Namespace) -> Path:
         gguf_io.write_model(
             reader, info.arch, out, kv, new,
             drop=lambda name: name.startswith(gguf_io.KEY_PREFIX) or gguf_io.is_sparsity_tensor(name),
-            progress=bar.update,
+            progress=bar.update, finish=refine,
         )  # fmt: skip
     t_total = time.perf_counter() - t0
     n_pass = 2 if args.method == "chess" else 1

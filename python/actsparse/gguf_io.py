@@ -203,8 +203,11 @@ def write_model(
     new_tensors: Iterable[NewTensor],
     drop: Callable[[str], bool] = lambda name: False,
     progress: Callable[[int], None] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write reader's model plus new keys and tensors to out_path (atomically, streaming)."""
+    """Write reader's model plus new keys and tensors to out_path (atomically, streaming).
+
+    ``finish`` gets the complete temporary file before it is renamed into place."""
     new_tensors = list(new_tensors)
     with atomic_output(out_path) as tmp:
         writer = GGUFWriter(tmp, arch)
@@ -235,6 +238,8 @@ def write_model(
             if progress:
                 progress(nt.nbytes)
         writer.close()
+        if finish is not None:
+            finish(tmp)
 
 
 def _rows(ggml_shape: tuple[int, ...]) -> int:

