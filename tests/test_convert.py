@@ -18,7 +18,8 @@ from actsparse.gguf_io import field_value
 from helpers import run_cli, run_converter, sha256_file
 
 LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
-CALIB_TOKENS = 4096
+CALIB_TOKENS = 65536  # the converter's default: this module checks what a user's conversion gives
+REFINE_TOKENS = 16384
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def converted(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) 
     out_dir = tmp_path_factory.mktemp("convert")
     before = sha256_file(small_model_path)
     out = out_dir / "smol.sparse.gguf"
-    run_converter(small_model_path, "-o", out, "--calib-tokens", CALIB_TOKENS, "-q", check=True)
+    run_converter(small_model_path, "-o", out, "-q", check=True)  # every default
     return {"input": small_model_path, "input_sha": before, "output": out}
 
 
@@ -56,6 +57,7 @@ def test_output_follows_the_schema(converted: dict) -> None:
     assert kv["actsparse.default_level"] == pytest.approx(0.5)
     assert kv["actsparse.attn"] is True
     assert kv["actsparse.calibration.tokens"] == CALIB_TOKENS
+    assert kv["actsparse.calibration.sparse_aware_tokens"] == REFINE_TOKENS
     assert len(kv["actsparse.calibration.sha256"]) == 64
     assert kv["actsparse.tool"].startswith("actsparse ")
     t = {x.name: x for x in r.tensors}
@@ -116,20 +118,22 @@ def test_output_loads_in_the_patched_build(converted: dict) -> None:
 
 
 def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> None:
-    """Each layer's FFN sparsity, realized by the runtime (llama-perplexity --sparse, batched) on
-    held-out text, stays within ±0.03 of its target, and the model-wide sparsity within ±0.01.
+    """Each layer's FFN sparsity, realized by the runtime (llama-perplexity --sparse, batched) over
+    8,192 held-out tokens, stays within ±0.03 of its target, and the model-wide sparsity within
+    ±0.01, for the default conversion.
 
     The converter's sparse-aware pass re-took every level's quantiles with the runtime at that
-    level; what remains is the shift between calibration text (Wikipedia) and this held-out
-    fiction (LAMBADA), largest in the last layers.
+    level; what remains is the shift between the calibration genres and this held-out fiction
+    (LAMBADA), largest in the last layer: measured +0.020 / +0.022 / +0.024 / +0.029 / +0.025 at
+    0.3 .. 0.7. Calibrated on 4,096 tokens instead, the last layer misses by up to +0.035.
     """
     text = tmp_path / "heldout.txt"
-    text.write_text(heldout_corpus().text[:60000])
+    text.write_text(heldout_corpus().text[:200000])
     deviation = []
     for level in LEVELS:
         proc = subprocess.run(
             [str(engine.binary("llama-perplexity")), "-m", str(converted["output"]), "-f", str(text),
-             "-c", "512", "--chunks", "8", "-t", "2", "--sparse", f"{level:g}", "--sparse-stats"],
+             "-c", "512", "--chunks", "16", "-t", "2", "--sparse", f"{level:g}", "--sparse-stats"],
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
