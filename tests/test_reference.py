@@ -26,7 +26,13 @@ this 135M model that noise alone moves the top-1 token on ~6% of positions dense
 positions have a top-2 margin under 0.1), and with 50% of the FFN channels and attention inputs
 cut at thresholds, a value that crosses its threshold because of rounding changes the layer's
 output by a whole channel: the same rounding in transformers alone (q8_1-quantized inputs to
-every linear layer) moves the sparse top-1 on ~20% of positions. The issue's requirement of
+every linear layer) moves the sparse top-1 on ~20% of positions. Emulating that rounding in the
+reference does not close the dense gap, though: with q8 rounding of every linear layer's input and
+float16 Q, K, V and attention probabilities, dense transformers vs dense llama.cpp decode stays at
+KL 0.0037 (256 tokens), so part of the difference comes from elsewhere in the arithmetic. Nor is
+llama.cpp consistent with itself: its dense decode and batched prefill of the same tokens are
+bit-identical for the first 8 positions and then differ by up to 1.3 logits (with an F32 KV cache,
+identical for the first 16). The issue's requirement of
 >= 95% top-1 agreement for sparse decode is therefore not met here; it is kept as a strict xfail
 (not weakened) and reported.
 """
@@ -147,8 +153,9 @@ def test_sparse_runtime_follows_the_reference_masks(measured: dict) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 79% top-1 (the issue asks >= 95%): sparse thresholds amplify llama.cpp's "
-    "q8_1/float16 rounding on this 135M model; dense reaches only 94-95%. See the module docstring.",
+    reason="measured 79% top-1 (the issue asks >= 95%): sparse thresholds amplify the arithmetic "
+    "differences between the two engines on this 135M model; dense reaches only 94-95%. "
+    "See the module docstring.",
 )
 def test_sparse_decode_top1_matches_reference(measured: dict) -> None:
     """The issue's requirement: sparse decode (level 0.5) and the transformers reference with the
