@@ -128,6 +128,41 @@ int64_t actsparse_select(const float * x, const float * t, bool scalar_t, enum a
             }
         }
     }
+#elif defined(__AVX512F__)
+    if (act == ACTSPARSE_ACT_NONE) {
+        // Compress in registers and store whole vectors (a compressing store is slow on some
+        // cores); the 16 writes at k <= i stay inside the n entries.
+        const __m512 ts = _mm512_set1_ps(t[0]);
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 sign = _mm512_set1_ps(-0.0f);
+        for (; i + 16 <= n; i += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + i);
+            const __m512 ax = _mm512_andnot_ps(sign, xv);
+            const __mmask16 keep = _mm512_cmp_ps_mask(ax, scalar_t ? ts : _mm512_loadu_ps(t + i), _CMP_GT_OQ);
+            if (!keep) continue;
+            const __m512i iv = _mm512_add_epi32(_mm512_set1_epi32((int32_t) i), lanes);
+            _mm512_storeu_si512((void *) (idx + k), _mm512_maskz_compress_epi32(keep, iv));
+            _mm512_storeu_ps(val + k, _mm512_maskz_compress_ps(keep, xv));
+            k += __builtin_popcount((unsigned) keep);
+        }
+    }
+#elif defined(__AVX2__)
+    if (act == ACTSPARSE_ACT_NONE) {
+        // One compare rejects a group of eight with no active entry; the rest are appended without
+        // branches, as on NEON.
+        const __m256 ts = _mm256_set1_ps(t[0]);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 ax = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+            const int keep = _mm256_movemask_ps(_mm256_cmp_ps(ax, scalar_t ? ts : _mm256_loadu_ps(t + i), _CMP_GT_OQ));
+            if (!keep) continue;
+            for (int l = 0; l < 8; ++l) {
+                idx[k] = (int32_t) (i + l);
+                val[k] = x[i + l];
+                k += (keep >> l) & 1;
+            }
+        }
+    }
 #endif
     for (; i < n; ++i) {
         const float a = apply_act(act, x[i]);

@@ -60,6 +60,7 @@ struct op_params {
     int il = 0;
     op_kind kind = KIND_FFN;
     phase ph = PHASE_DECODE;  // which statistics the op counts into
+    std::atomic<int> arrived{0};  // op_axpy's threads done with their partial sums
 };
 
 std::mutex g_mutex;
@@ -282,14 +283,13 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     for (size_t i = 0; i < sm->layers.size(); ++i) {
         for (int k = 0; k < N_KINDS; ++k) {
             for (int ph = 0; ph < N_PHASES; ++ph) {
-                op_params p;
+                op_params & p = st->params.emplace_back();
                 p.model = sm;
                 p.state = st.get();
                 p.il = (int) i;
                 p.kind = (op_kind) k;
                 p.ph = (phase) ph;
-                st->params.push_back(p);
-                st->by_layer_kind[ph][{ (int) i, k }] = &st->params.back();
+                st->by_layer_kind[ph][{ (int) i, k }] = &p;
             }
         }
     }
@@ -522,106 +522,139 @@ static void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     c.total += (uint64_t) ((r1 - r0) * n);
 }
 
-// The compact list of active inputs of one token: [count, idx[n], val[n]] as int32/float bits.
-static void op_select(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) nth;
-    if (ith != 0) return;  // n is small; one thread avoids a barrier
-    const op_params * p = (const op_params *) userdata;
-    const ggml_tensor * x = dst->src[0];
-    const ggml_tensor * thr = dst->src[1];
+// ---- decode: the active inputs of one token ----------------------------------------------------
+// Every thread of a decode op computes the whole selection itself (a SIMD compare over a few
+// thousand floats) instead of one thread computing it for the rest: the ops that use it then
+// need no barrier to share it. Thread 0 alone counts it and records it for the mask trace.
+
+struct selection {
+    int64_t k = 0;  // active entries
+    std::vector<int32_t> idx;
+    std::vector<float> val;
+};
+
+static const selection & select_active(const op_params * p, const ggml_tensor * x, const ggml_tensor * thr, int ith) {
+    thread_local selection sel;
     const int64_t n = x->ne[0];
-    int32_t * out = (int32_t *) dst->data;
-    const int64_t k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level),
-                                       thr->ne[0] == 1, ACTSPARSE_ACT_NONE, n, out + 1, (float *) (out + 1 + n));
-    out[0] = (int32_t) k;
-    if (g_trace_mode == ACTSPARSE_TRACE_RECORD) {
-        std::vector<uint8_t> active(n);
-        for (int64_t i = 0; i < k; ++i) active[out[1 + i]] = 1;
-        trace_record(p, std::move(active));
+    sel.idx.resize(n);
+    sel.val.resize(n);
+    sel.k = actsparse_select((const float *) x->data, thresholds_row(thr, p->state->level), thr->ne[0] == 1,
+                             ACTSPARSE_ACT_NONE, n, sel.idx.data(), sel.val.data());
+    if (ith == 0) {
+        if (g_trace_mode == ACTSPARSE_TRACE_RECORD) {
+            std::vector<uint8_t> active(n);
+            for (int64_t i = 0; i < sel.k; ++i) active[sel.idx[i]] = 1;
+            trace_record(p, std::move(active));
+        }
+        counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
+        c.zero += (uint64_t) (n - sel.k);
+        c.total += (uint64_t) n;
     }
-    counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
-    c.zero += (uint64_t) (n - k);
-    c.total += (uint64_t) n;
+    return sel;
 }
 
-// Compact h_k = a_k * (W_up[idx_k] . x) for the active channels.
-static void op_up_rows(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
-    const ggml_tensor * w = dst->src[0];
-    const ggml_tensor * x = dst->src[1];
-    const ggml_tensor * sel = dst->src[2];
-    const int64_t n = sel->ne[0] / 2;
-    const int32_t * s = (const int32_t *) sel->data;
-    const int64_t k = s[0];
+// The FFN's active channels with their products, as one float tensor:
+//   [count, idx[n], h[n]] (+ [dense h[n]] where the down product stays dense)
+// h_k = a_k * (W_up[idx_k] . x); count and idx are int32 bits. Each thread computes an equal share
+// of the active rows; with the dense copy it also writes the channels between its rows, zeros
+// included, so that the threads cover the vector without overlapping.
+static constexpr int64_t SEL_HEADER = 1;
+
+static int64_t selected_count(const ggml_tensor * sel) {
+    return ((const int32_t *) sel->data)[0];
+}
+
+static void op_select_up(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const op_params * p = (const op_params *) userdata;
+    const ggml_tensor * a = dst->src[0];
+    const ggml_tensor * w = dst->src[2];
+    const ggml_tensor * x = dst->src[3];
+    const int64_t n = a->ne[0];
+    const bool with_dense = dst->ne[0] == SEL_HEADER + 3 * n;
+    const selection & sel = select_active(p, a, dst->src[1], ith);
+    const int64_t k = sel.k;
+    int32_t * out_idx = (int32_t *) dst->data + SEL_HEADER;
+    float * out_h = (float *) dst->data + SEL_HEADER + n;
+    if (ith == 0) ((int32_t *) dst->data)[0] = (int32_t) k;
     const int64_t k0 = k * ith / nth, k1 = k * (ith + 1) / nth;
-    if (k0 >= k1) return;
-    const ggml_type vdt = ggml_get_type_traits_cpu(w->type)->vec_dot_type;
-    thread_local std::vector<char> xq;
-    xq.resize(ggml_row_size(vdt, x->ne[0]));
-    const float * xf = (const float *) x->data;
-    if (vdt == GGML_TYPE_F32) {
-        std::memcpy(xq.data(), xf, x->ne[0] * sizeof(float));
-    } else {
-        ggml_get_type_traits_cpu(vdt)->from_float(xf, xq.data(), x->ne[0]);
+    if (k0 < k1) {
+        const ggml_type vdt = ggml_get_type_traits_cpu(w->type)->vec_dot_type;
+        thread_local std::vector<char> xq;
+        xq.resize(ggml_row_size(vdt, x->ne[0]));
+        if (vdt == GGML_TYPE_F32) {
+            std::memcpy(xq.data(), x->data, x->ne[0] * sizeof(float));
+        } else {
+            ggml_get_type_traits_cpu(vdt)->from_float((const float *) x->data, xq.data(), x->ne[0]);
+        }
+        actsparse_rows_dot(w->type, w->data, w->nb[1], w->ne[0], sel.idx.data(), sel.val.data(), xq.data(), out_h,
+                           k0, k1);
+        std::memcpy(out_idx + k0, sel.idx.data() + k0, (size_t) (k1 - k0) * sizeof(int32_t));
     }
-    actsparse_rows_dot(w->type, w->data, w->nb[1], w->ne[0], s + 1, (const float *) (s + 1 + n), xq.data(),
-                       (float *) dst->data, k0, k1);
+    if (with_dense) {
+        float * dense = out_h + n;
+        const int64_t c0 = ith == 0 ? 0 : (k0 < k ? sel.idx[k0] : n);
+        const int64_t c1 = ith == nth - 1 ? n : (k1 < k ? sel.idx[k1] : n);
+        if (c0 < c1) std::memset(dense + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+        for (int64_t j = k0; j < k1; ++j) dense[sel.idx[j]] = out_h[j];
+    }
 }
 
-// Two partial sums y_g = sum over half g of the active rows of v_k W_t[idx_k, :], in the two
-// rows of dst (the graph adds them). Gathered rows are bound by memory latency, which one thread
-// streaming whole rows hides better than two threads reading half rows each; with more threads,
-// each half's columns are split further in whole blocks.
+// y = sum over the active inputs of v_k W_t[idx_k, :], an input-sparse product over a transposed
+// copy. The active rows are split into AXPY_ROW_GROUPS halves, each summed into its own row of dst;
+// gathered rows are bound by memory latency, which one thread streaming whole rows hides better
+// than two threads reading half rows each. With more threads, a half's columns are split further
+// in whole blocks. The last thread to finish adds the halves into row 0, saving a graph node.
+// The list comes from op_select_up (src[1]), or is selected here from the input x (src[1]) and
+// its thresholds (src[2]).
 static constexpr int AXPY_ROW_GROUPS = 2;
 
 static void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
+    op_params * p = (op_params *) userdata;
     const ggml_tensor * wt = dst->src[0];
-    const ggml_tensor * sel = dst->src[1];
-    const ggml_tensor * vals = dst->src[2];  // compact values, or null: take them from sel
-    const int64_t n = sel->ne[0] / 2;
-    const int32_t * s = (const int32_t *) sel->data;
-    const float * v = vals ? (const float *) vals->data : (const float *) (s + 1 + n);
     const int64_t ncols = wt->ne[0];
-    const int64_t bs = ggml_blck_size(wt->type);
-    const int64_t nblocks = ncols / bs;
-    const int64_t k = s[0];
-    float * y = (float *) dst->data;
+    const int32_t * idx;
+    const float * v;
+    int64_t k;
+    if (dst->src[2]) {
+        const selection & sel = select_active(p, dst->src[1], dst->src[2], ith);
+        idx = sel.idx.data();
+        v = sel.val.data();
+        k = sel.k;
+    } else {
+        const ggml_tensor * list = dst->src[1];
+        const int64_t n = (list->ne[0] - SEL_HEADER) / 2;  // (a dense copy, if any, follows)
+        idx = (const int32_t *) list->data + SEL_HEADER;
+        v = (const float *) list->data + SEL_HEADER + n;
+        k = selected_count(list);
+    }
+    float * rows = (float *) dst->data;
     if (nth == 1) {
-        actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1, v, k, y, 0, ncols);
-        std::memset((char *) dst->data + dst->nb[1], 0, ncols * sizeof(float));
+        actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], idx, v, k, rows, 0, ncols);
         return;
     }
-    const int g = ith % AXPY_ROW_GROUPS;                           // this thread's half of the rows
-    const int gi = ith / AXPY_ROW_GROUPS;                          // its place among that half's threads
+    const int64_t bs = ggml_blck_size(wt->type);
+    const int64_t nblocks = ncols / bs;
+    const int g = ith % AXPY_ROW_GROUPS;                               // this thread's half of the rows
+    const int gi = ith / AXPY_ROW_GROUPS;                              // its place among that half's threads
     const int gn = (nth - g + AXPY_ROW_GROUPS - 1) / AXPY_ROW_GROUPS;  // threads on that half
     const int64_t k0 = k * g / AXPY_ROW_GROUPS, k1 = k * (g + 1) / AXPY_ROW_GROUPS;
     const int64_t c0 = nblocks * gi / gn * bs, c1 = nblocks * (gi + 1) / gn * bs;
-    if (c0 >= c1) return;
-    actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], s + 1 + k0, v + k0, k1 - k0,
-                        (float *) ((char *) dst->data + g * dst->nb[1]), c0, c1);
+    if (c0 < c1) actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], idx + k0, v + k0, k1 - k0, rows + g * ncols, c0, c1);
+    if (p->arrived.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+        for (int r = 1; r < AXPY_ROW_GROUPS; ++r) {
+            for (int64_t c = 0; c < ncols; ++c) rows[c] += rows[r * ncols + c];
+        }
+        p->arrived.store(0, std::memory_order_relaxed);  // the next graph runs after a barrier
+    }
 }
 
-// The input-sparse product over a transposed copy: op_axpy's partial sums, added.
-static ggml_tensor * sparse_product(ggml_context * ctx0, ggml_tensor * wt, ggml_tensor * sel, ggml_tensor * vals,
-                                    op_params * p) {
-    ggml_tensor * srcs[] = { wt, sel, vals };
-    ggml_tensor * parts = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], AXPY_ROW_GROUPS, 1, 1, srcs, vals ? 3 : 2,
-                                         op_axpy, GGML_N_TASKS_MAX, p);
-    return ggml_add(ctx0, ggml_view_1d(ctx0, parts, wt->ne[0], 0), ggml_view_1d(ctx0, parts, wt->ne[0], parts->nb[1]));
-}
-
-// Compact h_k back to its channels (zero elsewhere), for a dense product with the original.
-static void op_scatter(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) nth;
-    (void) userdata;
-    if (ith != 0) return;  // a few thousand stores
-    const ggml_tensor * sel = dst->src[0];
-    const float * h = (const float *) dst->src[1]->data;
-    const int32_t * s = (const int32_t *) sel->data;
-    float * y = (float *) dst->data;
-    std::memset(y, 0, ggml_nbytes(dst));
-    for (int32_t k = 0; k < s[0]; ++k) y[s[1 + k]] = h[k];
+// The input-sparse product over a transposed copy, from a list or from the input itself.
+static ggml_tensor * sparse_product(ggml_context * ctx0, ggml_tensor * wt, ggml_tensor * list_or_x,
+                                    ggml_tensor * thr, op_params * p) {
+    ggml_tensor * srcs[] = { wt, list_or_x, thr };
+    ggml_tensor * rows = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], AXPY_ROW_GROUPS, 1, 1, srcs, thr ? 3 : 2,
+                                        op_axpy, GGML_N_TASKS_MAX, p);
+    return ggml_view_1d(ctx0, rows, wt->ne[0], 0);
 }
 
 // ACTSPARSE_CHECK_DECODE=1: every sparse decode product is also computed densely from the same
@@ -737,20 +770,16 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     const int64_t n_ff = g->ne[0];
     const bool decode = ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
-        ggml_tensor * srcs_sel[] = { g, thr };
-        ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n_ff, 1, 1, 1, srcs_sel, 2, op_select,
-                                           GGML_N_TASKS_MAX, p);
-        ggml_tensor * srcs_up[] = { up, cur, sel };
-        ggml_tensor * h = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_ff, 1, 1, 1, srcs_up, 3, op_up_rows,
-                                         GGML_N_TASKS_MAX, p);
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
-        if (!sparse_kernel_pays(down, wt, st)) {
-            ggml_tensor * srcs_scatter[] = { sel, h };
-            ggml_tensor * hd = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_ff, 1, 1, 1, srcs_scatter, 2, op_scatter,
-                                              GGML_N_TASKS_MAX, p);
-            return ggml_mul_mat(ctx0, down, hd);
+        const bool down_sparse = sparse_kernel_pays(down, wt, st);
+        ggml_tensor * srcs_sel[] = { g, thr, up, cur };
+        ggml_tensor * list = ggml_custom_4d(ctx0, GGML_TYPE_F32, SEL_HEADER + (down_sparse ? 2 : 3) * n_ff, 1, 1, 1,
+                                            srcs_sel, 4, op_select_up, GGML_N_TASKS_MAX, p);
+        if (!down_sparse) {
+            // the original multiplies the masked product, which the list carries densely at its end
+            return ggml_mul_mat(ctx0, down, ggml_view_1d(ctx0, list, n_ff, (SEL_HEADER + 2 * n_ff) * sizeof(float)));
         }
-        ggml_tensor * y = sparse_product(ctx0, wt, sel, h, p);
+        ggml_tensor * y = sparse_product(ctx0, wt, list, nullptr, p);
         if (check_decode()) {
             // the dense reference reads W_down^T back from the copy, so only the kernels differ
             ggml_tensor * a = masked(ctx0, g, thr, p);
@@ -780,11 +809,7 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
     if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
-        const int64_t n = cur->ne[0];
-        ggml_tensor * srcs_sel[] = { cur, thr };
-        ggml_tensor * sel = ggml_custom_4d(ctx0, GGML_TYPE_I32, 1 + 2 * n, 1, 1, 1, srcs_sel, 2, op_select,
-                                           GGML_N_TASKS_MAX, p);
-        ggml_tensor * y = sparse_product(ctx0, wt, sel, nullptr, p);
+        ggml_tensor * y = sparse_product(ctx0, wt, cur, thr, p);
         if (check_decode()) {
             ggml_tensor * wd = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32)));
             y = with_check(ctx0, y, ggml_mul_mat(ctx0, wd, masked(ctx0, cur, thr, p)), p);
