@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 # Targets of the pinned llama.cpp plus our own tools.
 LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
-                 actsparse-calibrate actsparse-test-kernels actsparse-test-kernels-asan
+                 actsparse-calibrate actsparse-bench-kernels actsparse-test-kernels actsparse-test-kernels-asan
 WORKTREE := work/llama.cpp
 # The same pinned llama.cpp without patches/: dense outputs are compared with it bit for bit.
 UPSTREAM_BUILD := build-upstream

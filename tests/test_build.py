@@ -13,7 +13,7 @@ from actsparse import demo, engine
 from helpers import REPO
 
 TOOLS = ["llama-cli", "llama-completion", "llama-server", "llama-bench", "llama-perplexity", "llama-quantize",
-         "actsparse-calibrate"]  # fmt: skip
+         "actsparse-calibrate", "actsparse-bench-kernels"]  # fmt: skip
 
 
 @pytest.mark.parametrize("tool", TOOLS)

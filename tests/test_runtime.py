@@ -134,6 +134,31 @@ def test_decode_kernels_equal_the_dense_product_with_the_same_mask(sparse_model:
     assert check["max_rel_err"] < 1e-4
 
 
+def test_kernel_benchmark_reports_every_type_and_refuses_bad_input() -> None:
+    """actsparse-bench-kernels (the throughput the docs quote) times both decode loops for each
+    type asked, on the threads asked; an unknown type or a sparsity outside [0, 1) is one line."""
+    tool = str(engine.binary("actsparse-bench-kernels"))
+    args = ["--rows", "300", "--cols", "512", "-t", "3", "-r", "1", "--mem", "16", "--json"]
+    proc = subprocess.run(
+        [tool, *args, "--types", "q8_0,q4_K,f16", "-s", "0.6"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["threads"] == 3 and report["sparsity"] == 0.6
+    assert [t["type"] for t in report["types"]] == ["q8_0", "q4_K", "f16"]
+    for t in report["types"]:
+        for key in ("accumulate_gbs", "accumulate_gweights", "gather_gbs", "gather_gweights"):
+            assert t[key] > 0, (t, key)
+        # GB/s over G weights/s is the type's bytes per weight
+        bytes_per_weight = {"q8_0": 34 / 32, "q4_K": 144 / 256, "f16": 2.0}[t["type"]]
+        assert t["accumulate_gbs"] / t["accumulate_gweights"] == pytest.approx(bytes_per_weight, rel=1e-3)
+    for bad in (["--types", "q9_9"], ["-s", "1.5"], ["--cols", "100"]):
+        proc = subprocess.run([tool, *args, *bad], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (
+            bad
+        )
+
+
 _STEPWISE_VS_BATCHED = """
 import sys, json, numpy as np, actsparse
 from actsparse.data import heldout_corpus
