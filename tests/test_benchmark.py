@@ -54,16 +54,21 @@ def test_weight_bytes_follow_the_definition(sparse_model: Path) -> None:
 
 def test_bench_reports_json_and_png(sparse_model: Path, tmp_path: Path) -> None:
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = run_cli("bench", sparse_model, "--repeats", 1, "-p", 32, "-n", 8, "--json", js, "--png", png)
+    proc = run_cli("bench", sparse_model, "--repeats", 3, "-p", 32, "-n", 8, "--json", js, "--png", png)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(js.read_text())
     assert [e["level"] for e in report["levels"]] == [0.0, 0.5, 0.7]
     assert report["machine"]["cores"] >= 1 and report["machine"]["read_bandwidth_gbs"] > 0
     for e in report["levels"]:
         assert e["decode_median"] > 0 and e["prefill_median"] > 0 and e["peak_rss_mb"] > 0
+    dense = report["levels"][0]
     for e in report["levels"][1:]:
         assert abs(e["realized"]["ffn"] - e["level"]) < 0.15
         assert e["ceiling"] > 1.0
+        # the speed-up is the median of the ratios within each interleaved repeat
+        per_repeat = sorted(a / b for a, b in zip(e["decode_tps"], dense["decode_tps"], strict=True))
+        assert len(per_repeat) == 3 and e["decode_ratio"] == pytest.approx(per_repeat[1])
+        assert e["efficiency"] == pytest.approx(e["decode_ratio"] / e["ceiling"])
     assert png.stat().st_size > 1000
     assert "ceiling" in proc.stdout
 

@@ -369,15 +369,16 @@ def render(results: list[dict], assets: str) -> str:
         "",
         "The ceiling is the dense weight bytes per token over the sparse ones, counting the output "
         "layer and the transposed copies' real types (Q8_0 by default, larger than Q4 originals, so the "
-        "skipped rows save less than their count suggests). It is reached only where decode is bound by "
-        "memory. Dense is measured as llama.cpp runs it: the file loaded without `--sparse`, so ffn_up is "
-        "repacked for the CPU (interleaved rows and a faster mat-vec). Sparse decode keeps ffn_up in plain "
-        "rows to gather the active ones, and each gathered row goes through ggml's single-row dot. On a "
-        "desktop core with AVX-512 and two threads, a dense Q4 mat-vec is close to compute-bound. There, "
-        "the sparse path's cost per weight read decides the speed-up more than the bytes do. That cost is "
-        "a gathered dot per active up row and a float accumulate per active row of the copy. The sparse "
-        "path also adds the activation mask and compaction. On a tiny model like SmolLM2-135M, the fixed "
-        "per-layer overhead (graph nodes, thread barriers) is a large share of a token's time.",
+        "skipped rows save less than their count suggests). It is reached only where every loop of decode "
+        "is bound by memory. Dense is measured as llama.cpp runs it: the file loaded without `--sparse`, "
+        "so ffn_up is repacked for the CPU (interleaved rows and an integer mat-vec, about 57 G weights/s "
+        "on 2 threads of this machine). Sparse decode gathers the active rows of ffn_up in plain layout "
+        "through ggml's single-row dot, and accumulates the active rows of each copy with a float "
+        "multiply-add per weight (25-35 G weights/s whatever the type; `actsparse-bench-kernels` measures "
+        "both loops by type). Gathered rows also cost more per byte as sparsity grows: fewer rows share a "
+        "memory page, so the hardware prefetchers help less (Q8_0 accumulate about 36 GB/s at sparsity "
+        "0.5, 26 GB/s at 0.7). On a tiny model like SmolLM2-135M, the fixed per-layer cost (graph nodes, "
+        "thread barriers) is a larger share of a token's time.",
         "",
     ]
     return "\n".join(out)
