@@ -176,3 +176,23 @@ def test_eval_failure_leaves_no_report(small_sparse_model: Path, tmp_path: Path)
     assert proc.returncode != 0
     assert len([x for x in proc.stderr.splitlines() if x.startswith("error:")]) == 1
     assert not (tmp_path / "r.json").exists()
+
+
+def test_report_names_the_layer_farthest_from_its_level() -> None:
+    """The results page's per-layer line: for each CHESS+attn level, the layer whose realized FFN
+    sparsity on the held-out text deviates most from the level, with its signed deviation."""
+    from actsparse import report
+
+    def run(label: str, level: float, ffn: list[float]) -> dict:
+        layers = [{"layer": i, "ffn": f, "attn_q_in": None, "attn_o_in": None} for i, f in enumerate(ffn)]
+        return {"label": label, "level": level, "text": {}, "realized": {"layers": layers}}
+
+    text = {"runs": [
+        {"label": "dense", "level": 0.0, "text": {"ppl": 10.0}},
+        run("CHESS+attn", 0.5, [0.49, 0.47, 0.52]),
+        run("CATS", 0.5, [0.2, 0.5, 0.5]),  # another method: not in this line
+        run("CHESS+attn", 0.7, [0.71, 0.70, 0.72]),
+    ]}  # fmt: skip
+    lines = report.discussion({"text": text, "tasks": {"runs": [], "tasks": {}}, "bench": {"levels": []}})
+    line = next(x for x in lines if "farthest from its level" in x)
+    assert line.endswith("0.5: layer 1 -0.030, 0.7: layer 2 +0.020.")

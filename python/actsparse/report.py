@@ -301,6 +301,19 @@ def discussion(result: dict) -> list[str]:
             f"{100 * (0.25 / n) ** 0.5:.1f} points, so task differences below that are noise; the text "
             "metrics (thousands of tokens) are the reliable signal here."
         )
+    worst = []
+    for r in text["runs"][1:]:
+        layers = (r.get("realized") or {}).get("layers") or []
+        deviations = [(x["layer"], x["ffn"] - r["level"]) for x in layers if x.get("ffn") is not None]
+        if r["label"] == "CHESS+attn" and deviations:
+            worst.append((r["level"], *max(deviations, key=lambda d: abs(d[1]))))
+    if worst:
+        lines.append(
+            "- Realized FFN sparsity per layer on the held-out text (the runtime's count over the batched "
+            "evaluation), the layer farthest from its level: "
+            + ", ".join(f"{lv:g}: layer {il} {dev:+.3f}" for lv, il, dev in worst)
+            + "."
+        )
     claims = text.get("summary", {}).get("chess_vs_cats", [])
     if claims:
         held = [c for c in claims if c["holds"]]
@@ -345,7 +358,8 @@ def render(results: list[dict], assets: str) -> str:
         p: Profile = res["profile"]
         out += ["", f"## {res['source']}", ""]
         out += [
-            f"Calibration: {p.calib_tokens} tokens, one statistics pass shared by the three conversions. "
+            f"Calibration: {p.calib_tokens} tokens, one statistics pass shared by the three conversions, "
+            "then each conversion's sparse-aware pass (docs/gguf-format.md). "
             f"Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["seconds"].items()) + ".",
             "",
             "Commands:",
