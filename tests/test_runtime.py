@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -35,11 +36,39 @@ def completion(model: Path, *flags: str, n: int = 16) -> subprocess.CompletedPro
     return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("binary", ["actsparse-test-kernels", "actsparse-test-kernels-asan"])
+def _cpu_flags() -> set[str]:
+    try:
+        return set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return set()
+
+
+KERNEL_TESTS = {
+    "actsparse-test-kernels": None,  # the CPU backend's own build: the widest SIMD the CPU has
+    "actsparse-test-kernels-asan": None,  # the same under AddressSanitizer + UBSan
+    "actsparse-test-kernels-avx2": {"avx2", "fma", "f16c"},  # x86: the AVX2 path
+    "actsparse-test-kernels-scalar": set(),  # x86: the scalar code
+}
+
+
+@pytest.mark.parametrize("binary", KERNEL_TESTS)
 def test_kernels_against_dense_reference(binary: str) -> None:
     """Every kernel, every supported type, odd shapes, 1-3 threads; the second build runs under
-    AddressSanitizer and UndefinedBehaviorSanitizer."""
+    AddressSanitizer and UndefinedBehaviorSanitizer; on x86 the kernels are also compiled for AVX2
+    and for baseline x86-64, so that each SIMD path and the scalar code are tested."""
+    needs = KERNEL_TESTS[binary]
+    if needs is not None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("an x86 build variant")
+        if not needs <= _cpu_flags():
+            pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}")
     proc = subprocess.run([str(engine.binary(binary))], capture_output=True, text=True)
+    expected = {
+        "actsparse-test-kernels-avx2": "kernels: avx2",
+        "actsparse-test-kernels-scalar": "kernels: scalar",
+    }
+    if binary in expected:
+        assert proc.stdout.startswith(expected[binary]), proc.stdout[:200]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     passed, failed = proc.stdout.strip().splitlines()[-1].split(", ")
     assert failed == "0 failed" and int(passed.split()[0]) > 100
