@@ -196,3 +196,18 @@ def test_report_names_the_layer_farthest_from_its_level() -> None:
     lines = report.discussion({"text": text, "tasks": {"runs": [], "tasks": {}}, "bench": {"levels": []}})
     line = next(x for x in lines if "farthest from its level" in x)
     assert line.endswith("0.5: layer 1 -0.030, 0.7: layer 2 +0.020.")
+
+
+def test_markdown_of_a_task_only_evaluation_names_no_heldout_text() -> None:
+    """`--chunks 0` measures tasks only: the tables describe no held-out text and no text metrics."""
+    from actsparse.evaluate import markdown_tables
+
+    tasks = {"average": {"acc": 0.5, "acc_norm": 0.5}, "boolq": {"acc": 0.5, "acc_norm": 0.5}}
+    report = {
+        "heldout": {"corpus": "lambada", "chunks": 0, "ctx": 512}, "threads": 2,
+        "tasks": {"names": ["boolq"], "limit": 10},
+        "runs": [{"label": "dense", "level": 0.0, "text": {}, "realized": {}, "tasks": tasks}],
+    }  # fmt: skip
+    md = markdown_tables(report)
+    assert "Held-out text" not in md and "PPL" not in md
+    assert "boolq" in md and "| dense | 0 |" in md

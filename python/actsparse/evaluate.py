@@ -451,12 +451,11 @@ def markdown_tables(report: dict[str, Any]) -> str:
     runs = report["runs"]
     dense = runs[0]
     held = report["heldout"]
-    out = [
-        f"Held-out text: {held['corpus']} ({held['chunks']} × {held['ctx']} tokens); "
-        f"{report['threads']} threads.\n"
-    ]
+    out = []
     if any(r["text"] for r in runs):
         out += [
+            f"Held-out text: {held['corpus']} ({held['chunks']} × {held['ctx']} tokens); "
+            f"{report['threads']} threads.\n",
             "| method | level | realized FFN | realized q / o in | PPL | ΔPPL | KLD mean | KLD p99 "
             "| same top |",
             "|---|---|---|---|---|---|---|---|---|",

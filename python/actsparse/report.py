@@ -171,8 +171,11 @@ def load_quality(profile: Profile, out_dir: Path) -> dict:
         "sparse_model": Path(state["sparse_model"]),
         "commands": state["commands"],
         "seconds": state["seconds"],
-        "text": json.loads((out_dir / state["text_json"]).read_text()),
-        "tasks": json.loads((out_dir / state["task_json"]).read_text()),
+        "text": (text := json.loads((out_dir / state["text_json"]).read_text())),
+        # one evaluation wrote both: the same object, so the page shows its tables once
+        "tasks": text
+        if state["task_json"] == state["text_json"]
+        else json.loads((out_dir / state["task_json"]).read_text()),
         "png": state["png"],
     }
 
