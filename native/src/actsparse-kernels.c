@@ -441,6 +441,11 @@ static inline float load_half(const uint8_t * p) {
 // 16 bytes of nibble pairs -> 32 values 0..15: low nibbles first, then high nibbles. Eight bytes
 // at a time in a 64-bit word: compilers turn byte-wise loops of this shape into slow inserts.
 static inline void split_nibbles(const uint8_t * qs, int8_t * q) {
+#if defined(__AVX2__)
+    const __m128i x = _mm_loadu_si128((const __m128i *) qs), low4 = _mm_set1_epi8(0x0F);
+    _mm_storeu_si128((__m128i *) q, _mm_and_si128(x, low4));
+    _mm_storeu_si128((__m128i *) (q + 16), _mm_and_si128(_mm_srli_epi16(x, 4), low4));
+#else
     for (int w = 0; w < 2; ++w) {
         uint64_t x, lo, hi;
         memcpy(&x, qs + 8 * w, 8);
@@ -449,6 +454,7 @@ static inline void split_nibbles(const uint8_t * qs, int8_t * q) {
         memcpy(q + 8 * w, &lo, 8);
         memcpy(q + 16 + 8 * w, &hi, 8);
     }
+#endif
 }
 
 // Bits 0..7 of b -> bit 4 of bytes 0..7 of a 64-bit word.
@@ -513,21 +519,41 @@ static inline void unpack_iq4_nl(const uint8_t * restrict b, int8_t * restrict q
 
 // Q4_K / Q5_K: eight 32-value groups with 6-bit scales and mins packed into 12 bytes;
 // w = d * sc * q - dmin * mn.
+// The twelve scale bytes: bytes 0-3 hold scales 0-3 in their low six bits, bytes 4-7 mins 0-3;
+// scales and mins 4-7 take their low four bits from the nibbles of bytes 8-11 and their top two
+// from the top bits of bytes 0-3 and 4-7. Four at a time in 32-bit words.
 static inline void k_scales(const uint8_t * b, float * d, float * m) {
     const float dd = load_half(b);
     const float dmin = load_half(b + 2);
-    const uint8_t * sc = b + 4;
-    for (int j = 0; j < 8; ++j) {
-        uint8_t scale, mn;
-        if (j < 4) {
-            scale = sc[j] & 63;
-            mn = sc[j + 4] & 63;
-        } else {
-            scale = (uint8_t) ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4));
-            mn = (uint8_t) ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4));
-        }
-        set_group_scales(d + 2 * j, m + 2 * j, 2, dd * (float) scale, -dmin * (float) mn);
+    uint32_t w[3], sm[4];
+    memcpy(w, b + 4, sizeof w);
+    sm[0] = w[0] & 0x3F3F3F3Fu;
+    sm[1] = (w[2] & 0x0F0F0F0Fu) | ((w[0] >> 2) & 0x30303030u);
+    sm[2] = w[1] & 0x3F3F3F3Fu;
+    sm[3] = ((w[2] >> 4) & 0x0F0F0F0Fu) | ((w[1] >> 2) & 0x30303030u);
+#if defined(__AVX2__)
+    // each byte twice (two 16-column entries per 32-column group), widened to float
+    const __m128i u = _mm_loadu_si128((const __m128i *) sm);
+    const __m128i su = _mm_shuffle_epi8(u, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    const __m128i mu = _mm_shuffle_epi8(u, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(su))));
+    _mm512_storeu_ps(m, _mm512_mul_ps(_mm512_set1_ps(-dmin), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mu))));
+#else
+    const __m256 dv = _mm256_set1_ps(dd), mv = _mm256_set1_ps(-dmin);
+    _mm256_storeu_ps(d, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(su))));
+    _mm256_storeu_ps(d + 8, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(su, 8)))));
+    _mm256_storeu_ps(m, _mm256_mul_ps(mv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mu))));
+    _mm256_storeu_ps(m + 8, _mm256_mul_ps(mv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mu, 8)))));
+#endif
+#else
+    uint8_t u[16];  // scales 0-7, then mins 0-7
+    memcpy(u, sm, sizeof u);
+    for (int g = 0; g < 16; ++g) {
+        d[g] = dd * (float) u[g >> 1];
+        m[g] = -dmin * (float) u[8 + (g >> 1)];
     }
+#endif
 }
 
 static inline void unpack_q4_k(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
@@ -553,7 +579,8 @@ static inline void unpack_q5_k(const uint8_t * restrict b, int8_t * restrict q, 
     }
 }
 
-// Q6_K: 16 groups of 16 with int8 scales; low 4 bits in ql, high 2 bits in qh, offset 32.
+// Q6_K: 16 groups of 16 with int8 scales; low 4 bits in ql, high 2 bits in qh, offset 32 (kept in
+// the group offset, so q stays unsigned like every other type's but IQ4_NL's).
 static inline void unpack_q6_k(const uint8_t * restrict b, int8_t * restrict q, float * d, float * m) {
     const uint8_t * ql = b;
     const uint8_t * qh = b + 128;
@@ -564,16 +591,28 @@ static inline void unpack_q6_k(const uint8_t * restrict b, int8_t * restrict q, 
         const uint8_t * h2 = qh + 32 * h;
         int8_t * qq = q + 128 * h;
         for (int l = 0; l < 32; ++l) {
-            qq[l] = (int8_t) (((l4[l] & 0x0F) | ((h2[l] & 3) << 4)) - 32);
-            qq[l + 32] = (int8_t) (((l4[l + 32] & 0x0F) | (((h2[l] >> 2) & 3) << 4)) - 32);
-            qq[l + 64] = (int8_t) (((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4)) - 32);
-            qq[l + 96] = (int8_t) (((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4)) - 32);
+            qq[l] = (int8_t) ((l4[l] & 0x0F) | ((h2[l] & 3) << 4));
+            qq[l + 32] = (int8_t) ((l4[l + 32] & 0x0F) | (((h2[l] >> 2) & 3) << 4));
+            qq[l + 64] = (int8_t) ((l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4));
+            qq[l + 96] = (int8_t) ((l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4));
         }
     }
+#if defined(__AVX512F__)
+    const __m512 dg = _mm512_mul_ps(_mm512_set1_ps(dd), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) sc))));
+    _mm512_storeu_ps(d, dg);
+    _mm512_storeu_ps(m, _mm512_mul_ps(_mm512_set1_ps(-32.0f), dg));
+#elif defined(__AVX2__)
+    for (int h = 0; h < 2; ++h) {
+        const __m256 dg = _mm256_mul_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (sc + 8 * h)))));
+        _mm256_storeu_ps(d + 8 * h, dg);
+        _mm256_storeu_ps(m + 8 * h, _mm256_mul_ps(_mm256_set1_ps(-32.0f), dg));
+    }
+#else
     for (int g = 0; g < 16; ++g) {
         d[g] = dd * (float) sc[g];
-        m[g] = 0.0f;
+        m[g] = -32.0f * d[g];
     }
+#endif
 }
 
 // Unpack nblocks consecutive blocks: q gets block_size values per block, d and m one per 16.
@@ -717,12 +756,270 @@ static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, cons
     }
 }
 
+// ---- packed types, integer accumulate (x86 with AVX2 or AVX-512) ------------------------------
+//
+// The float loop above converts every weight to float for one multiply-add each: about 28 G
+// weights/s on two cores, which makes a 4-bit copy slower to read than the dense integer mat-vec
+// it replaces. Here the products run in 4-way byte dot-product instructions (VNNI's dpbusd, or
+// maddubs + madd), sixteen rows per pass. For each 16-column group g the coefficients
+// s_kg = v_k * d_kg of the pass's rows are rounded to int8 against one scale S_g = max_k |s_kg| / 127,
+// and y gets S_g * sum_k c_kg * q_kc + o_g once per pass. The offsets use the same rounded
+// coefficients (o_g = sum_k v^_kg * m_kg with v^_kg = c_kg * S_g / d_kg), so the rounding acts like
+// rounding the inputs v_k to 8 bits, as ggml's dense dot products round theirs, and not on the
+// offset-shifted q. Unpacked q are unsigned and below 64 (IQ4_NL's code book is not: it keeps the
+// float loop), so maddubs's 16-bit pair sums cannot saturate.
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define ACTSPARSE_INT_ACCUMULATE 1
+#endif
+
+static bool int_accumulate_type(enum ggml_type type) {
+#if defined(ACTSPARSE_INT_ACCUMULATE)
+    return type != GGML_TYPE_IQ4_NL && unpacker(type) != NULL;
+#else
+    (void) type;
+    return false;
+#endif
+}
+
+bool actsparse_axpy_rounds_inputs(enum ggml_type type) {
+    return int_accumulate_type(type);
+}
+
+#if defined(ACTSPARSE_INT_ACCUMULATE)
+#define INT_ROWS 16                    // rows per pass, whose coefficients share one scale per group
+#define INT_GROUPS (UNPACK_CHUNK / 16) // column groups per chunk
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT_VEC 16  // groups per vector in the coefficient step, and lanes per float vector
+typedef __m512 fvec;
+typedef __m512i ivec;
+#define FV_LOAD _mm512_loadu_ps
+#define FV_STORE _mm512_storeu_ps
+#define FV_SET1 _mm512_set1_ps
+#define FV_MUL _mm512_mul_ps
+#define FV_FMA _mm512_fmadd_ps
+#define FV_MAX _mm512_max_ps
+#define FV_ABS(x) _mm512_abs_ps(x)
+#define FV_ZERO _mm512_setzero_ps
+#define FV_TO_I32 _mm512_cvtps_epi32
+#define I32_TO_FV _mm512_cvtepi32_ps
+#define FV_RATIO_OR(num, den, alt)                                                                  \
+    _mm512_mask_div_ps(alt, _mm512_cmp_ps_mask(den, _mm512_setzero_ps(), _CMP_NEQ_OQ), num, den)
+#else
+#define INT_VEC 8
+typedef __m256 fvec;
+typedef __m256i ivec;
+#define FV_LOAD _mm256_loadu_ps
+#define FV_STORE _mm256_storeu_ps
+#define FV_SET1 _mm256_set1_ps
+#define FV_MUL _mm256_mul_ps
+#define FV_FMA _mm256_fmadd_ps
+#define FV_MAX _mm256_max_ps
+#define FV_ABS(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
+#define FV_ZERO _mm256_setzero_ps
+#define FV_TO_I32 _mm256_cvtps_epi32
+#define I32_TO_FV _mm256_cvtepi32_ps
+#define FV_RATIO_OR(num, den, alt)                                                                  \
+    _mm256_blendv_ps(_mm256_div_ps(num, den), alt, _mm256_cmp_ps(den, _mm256_setzero_ps(), _CMP_EQ_OQ))
+#endif
+
+// INT_VEC int32 lanes (each in [-127, 127]) -> INT_VEC bytes.
+static inline void store_i8(int8_t * dst, ivec c) {
+#if INT_VEC == 16
+    _mm_storeu_si128((__m128i *) dst, _mm512_cvtsepi32_epi8(c));
+#else
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64((__m128i *) dst, _mm_packs_epi16(w, w));
+#endif
+}
+
+// One pass's int8 coefficients, scales and offsets for groups [0, ngroups), vectorised across
+// groups: d[k][g], m[k][g] are row k's unpacked scales and offsets (ngroups rounded up to INT_VEC,
+// the padding zero). coef[p][g] holds rows 4p .. 4p+3 of group g as four bytes, the operand
+// layout of the 4-way dot products.
+static void int_coefficients(float (*d)[INT_GROUPS], float (*m)[INT_GROUPS], const float * v, int64_t ngroups,
+                             uint32_t (*coef)[INT_GROUPS], float * scale, float * offset) {
+    for (int64_t g = 0; g < ngroups; g += INT_VEC) {
+        fvec mx = FV_ZERO();
+        for (int k = 0; k < INT_ROWS; ++k) mx = FV_MAX(mx, FV_ABS(FV_MUL(FV_SET1(v[k]), FV_LOAD(d[k] + g))));
+        const fvec sc = FV_MUL(mx, FV_SET1(1.0f / 127.0f));
+        const fvec inv = FV_RATIO_OR(FV_SET1(127.0f), mx, FV_ZERO());
+        fvec off = FV_ZERO();
+        for (int p = 0; p < INT_ROWS / 4; ++p) {
+            int8_t b[4][INT_VEC];
+            for (int i = 0; i < 4; ++i) {
+                const int k = 4 * p + i;
+                const fvec vk = FV_SET1(v[k]), dk = FV_LOAD(d[k] + g);
+                const ivec c = FV_TO_I32(FV_MUL(FV_MUL(vk, dk), inv));
+                store_i8(b[i], c);
+                // the rounded input; a zero scale has none, so its row's offset takes v_k itself
+                const fvec vr = FV_RATIO_OR(FV_MUL(I32_TO_FV(c), sc), dk, vk);
+                off = FV_FMA(vr, FV_LOAD(m[k] + g), off);
+            }
+            for (int l = 0; l < INT_VEC; ++l) {
+                coef[p][g + l] = (uint32_t) (uint8_t) b[0][l] | (uint32_t) (uint8_t) b[1][l] << 8 |
+                                 (uint32_t) (uint8_t) b[2][l] << 16 | (uint32_t) (uint8_t) b[3][l] << 24;
+            }
+        }
+        FV_STORE(scale + g, sc);
+        FV_STORE(offset + g, off);
+    }
+}
+
+// y[0:16] += scale * sum_k c_k * q[k][col:col+16] + offset: one column group, scalar (the
+// reference, and the SIMD paths' remainder).
+static void int_group_scalar(float * y, const uint8_t * const q[INT_ROWS], int64_t col, uint32_t (*coef)[INT_GROUPS],
+                             int64_t g, float scale, float offset) {
+    for (int c = 0; c < 16; ++c) {
+        int32_t acc = 0;
+        for (int k = 0; k < INT_ROWS; ++k) {
+            const int8_t ck = (int8_t) (uint8_t) (coef[k / 4][g] >> (8 * (k % 4)));
+            acc += (int32_t) ck * (int32_t) q[k][col + c];
+        }
+        y[c] = fmaf(scale, (float) acc, y[c] + offset);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT_TILE_GROUPS 4  // one group per 128-bit lane
+#define IV_LOAD(p) _mm512_loadu_si512((const void *) (p))
+#define IV_UNPACKLO8 _mm512_unpacklo_epi8
+#define IV_UNPACKHI8 _mm512_unpackhi_epi8
+#define IV_UNPACKLO16 _mm512_unpacklo_epi16
+#define IV_UNPACKHI16 _mm512_unpackhi_epi16
+#define IV_ZERO _mm512_setzero_si512
+// group L's four coefficient bytes in every element of lane L
+#define IV_COEF(cp) _mm512_permutexvar_epi32(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), \
+                                             _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) (cp))))
+#if defined(__AVX512VNNI__)
+#define IV_DOT4(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#else
+#define IV_DOT4(acc, u, s) _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)))
+#endif
+#else
+#define INT_TILE_GROUPS 2
+#define IV_LOAD(p) _mm256_loadu_si256((const __m256i *) (p))
+#define IV_UNPACKLO8 _mm256_unpacklo_epi8
+#define IV_UNPACKHI8 _mm256_unpackhi_epi8
+#define IV_UNPACKLO16 _mm256_unpacklo_epi16
+#define IV_UNPACKHI16 _mm256_unpackhi_epi16
+#define IV_ZERO _mm256_setzero_si256
+#define IV_COEF(cp) _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *) (cp))), \
+                                                _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0))
+#define IV_DOT4(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#endif
+
+// INT_TILE_GROUPS column groups (one per 128-bit lane) of a pass's rows. Four rows' bytes are
+// interleaved so that each 32-bit element holds one column of the four rows, the operand the
+// 4-way dot products sum; acc[j] lane L then holds columns 16 L + 4 j .. 16 L + 4 j + 3.
+static inline void int_tile(float * y, const uint8_t * const q[INT_ROWS], int64_t g, uint32_t (*coef)[INT_GROUPS],
+                            const float * scale, const float * offset) {
+    const int64_t col = 16 * g;
+    ivec acc[4] = { IV_ZERO(), IV_ZERO(), IV_ZERO(), IV_ZERO() };
+    for (int p = 0; p < INT_ROWS / 4; ++p) {
+        const ivec r0 = IV_LOAD(q[4 * p] + col), r1 = IV_LOAD(q[4 * p + 1] + col);
+        const ivec r2 = IV_LOAD(q[4 * p + 2] + col), r3 = IV_LOAD(q[4 * p + 3] + col);
+        const ivec t0 = IV_UNPACKLO8(r0, r1), t1 = IV_UNPACKHI8(r0, r1);
+        const ivec t2 = IV_UNPACKLO8(r2, r3), t3 = IV_UNPACKHI8(r2, r3);
+        const ivec cp = IV_COEF(coef[p] + g);
+        acc[0] = IV_DOT4(acc[0], IV_UNPACKLO16(t0, t2), cp);
+        acc[1] = IV_DOT4(acc[1], IV_UNPACKHI16(t0, t2), cp);
+        acc[2] = IV_DOT4(acc[2], IV_UNPACKLO16(t1, t3), cp);
+        acc[3] = IV_DOT4(acc[3], IV_UNPACKHI16(t1, t3), cp);
+    }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    // transpose the 4 x 4 lanes: group L's sixteen columns in order
+    const __m512i a01lo = _mm512_shuffle_i32x4(acc[0], acc[1], 0x44), a23lo = _mm512_shuffle_i32x4(acc[2], acc[3], 0x44);
+    const __m512i a01hi = _mm512_shuffle_i32x4(acc[0], acc[1], 0xEE), a23hi = _mm512_shuffle_i32x4(acc[2], acc[3], 0xEE);
+    const __m512i grp[4] = {
+        _mm512_shuffle_i32x4(a01lo, a23lo, 0x88), _mm512_shuffle_i32x4(a01lo, a23lo, 0xDD),
+        _mm512_shuffle_i32x4(a01hi, a23hi, 0x88), _mm512_shuffle_i32x4(a01hi, a23hi, 0xDD),
+    };
+    for (int l = 0; l < 4; ++l) {
+        float * yl = y + 16 * l;
+        const __m512 base = _mm512_add_ps(_mm512_loadu_ps(yl), _mm512_set1_ps(offset[l]));
+        _mm512_storeu_ps(yl, _mm512_fmadd_ps(_mm512_set1_ps(scale[l]), _mm512_cvtepi32_ps(grp[l]), base));
+    }
+#else
+    // lane L of acc[0], acc[1] is columns 0-7 of group L, of acc[2], acc[3] columns 8-15
+    const __m256i grp[2][2] = {
+        { _mm256_permute2x128_si256(acc[0], acc[1], 0x20), _mm256_permute2x128_si256(acc[2], acc[3], 0x20) },
+        { _mm256_permute2x128_si256(acc[0], acc[1], 0x31), _mm256_permute2x128_si256(acc[2], acc[3], 0x31) },
+    };
+    for (int l = 0; l < 2; ++l) {
+        const __m256 sv = _mm256_set1_ps(scale[l]), ov = _mm256_set1_ps(offset[l]);
+        float * yl = y + 16 * l;
+        const __m256i lo = grp[l][0], hi = grp[l][1];
+        _mm256_storeu_ps(yl, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(lo), _mm256_add_ps(_mm256_loadu_ps(yl), ov)));
+        _mm256_storeu_ps(yl + 8, _mm256_fmadd_ps(sv, _mm256_cvtepi32_ps(hi), _mm256_add_ps(_mm256_loadu_ps(yl + 8), ov)));
+    }
+#endif
+}
+
+// Rows of a packed type over columns [c0, c1), INT_ROWS rows per pass (a short last pass repeats
+// a row with weight 0); `reference` runs the scalar groups only.
+static void axpy_rows_int(enum ggml_type type, unpack_range_fn unpack, const char * w, size_t rb,
+                          const int32_t * idx, const float * val, int64_t n, float * y, int64_t c0, int64_t c1,
+                          bool reference) {
+    const int64_t bs = ggml_blck_size(type);
+    const size_t ts = ggml_type_size(type);
+    _Alignas(64) uint8_t q[INT_ROWS][UNPACK_CHUNK];
+    _Alignas(64) float d[INT_ROWS][INT_GROUPS], m[INT_ROWS][INT_GROUPS];
+    _Alignas(64) uint32_t coef[INT_ROWS / 4][INT_GROUPS];
+    _Alignas(64) float scale[INT_GROUPS], offset[INT_GROUPS];
+    const uint8_t * const qr[INT_ROWS] = { q[0], q[1], q[2],  q[3],  q[4],  q[5],  q[6],  q[7],
+                                           q[8], q[9], q[10], q[11], q[12], q[13], q[14], q[15] };
+    memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+    const int64_t rows_ahead = prefetch_rows((size_t) ((c1 - c0) / bs) * ts);
+    const int64_t ahead = rows_ahead < INT_ROWS ? INT_ROWS : rows_ahead / INT_ROWS * INT_ROWS;
+    for (int64_t k = 0; k < n; k += INT_ROWS) {
+        const uint8_t * r[INT_ROWS];
+        float v[INT_ROWS];
+        for (int i = 0; i < INT_ROWS; ++i) {
+            r[i] = (const uint8_t *) w + (size_t) idx[k + i < n ? k + i : k] * rb;
+            v[i] = k + i < n ? val[k + i] : 0.0f;
+        }
+        for (int64_t c = c0; c < c1; c += UNPACK_CHUNK) {
+            const int64_t len = c1 - c < UNPACK_CHUNK ? c1 - c : UNPACK_CHUNK;
+            const int64_t ngroups = len / 16;
+            const int64_t padded = (ngroups + INT_VEC - 1) / INT_VEC * INT_VEC;
+            const size_t off = (size_t) (c / bs) * ts;
+            for (int i = 0; i < INT_ROWS; ++i) {
+                if (k + ahead + i < n) {
+                    // rows are gathered by index: prefetch this chunk a few kilobytes of reads ahead,
+                    // into L2 (measured faster than into L1 here, which stalls on its miss buffers)
+                    const uint8_t * nx = (const uint8_t *) w + (size_t) idx[k + ahead + i] * rb + off;
+                    for (size_t o = 0; o < (size_t) (len / bs) * ts; o += 64) __builtin_prefetch(nx + o, 0, 2);
+                }
+                unpack(r[i] + off, len / bs, (int8_t *) q[i], d[i], m[i]);
+                for (int64_t e = ngroups; e < padded; ++e) d[i][e] = m[i][e] = 0.0f;
+            }
+            int_coefficients(d, m, v, ngroups, coef, scale, offset);
+            int64_t g = 0;
+            if (!reference) {
+                for (; g + INT_TILE_GROUPS <= ngroups; g += INT_TILE_GROUPS) {
+                    int_tile(y + c + 16 * g, qr, g, coef, scale + g, offset + g);
+                }
+            }
+            for (; g < ngroups; ++g) int_group_scalar(y + c + 16 * g, qr, 16 * g, coef, g, scale[g], offset[g]);
+        }
+    }
+}
+#endif  // ACTSPARSE_INT_ACCUMULATE
+
 static void axpy_rows(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
                       const float * val, int64_t n, float * y, int64_t c0, int64_t c1, bool reference) {
     if (type == GGML_TYPE_Q8_0 && !reference) {
         axpy_rows_q8_0((const char *) w, row_bytes, idx, val, n, y, c0, c1);
         return;
     }
+#if defined(ACTSPARSE_INT_ACCUMULATE)
+    if (int_accumulate_type(type)) {
+        axpy_rows_int(type, unpacker(type), (const char *) w, row_bytes, idx, val, n, y, c0, c1, reference);
+        return;
+    }
+#endif
     const unpack_range_fn unpack = reference ? NULL : unpacker(type);
     if (unpack) {
         axpy_rows_unpacked(type, unpack, (const char *) w, row_bytes, idx, val, n, y, c0, c1);

@@ -80,6 +80,24 @@ static void test_axpy(ggml_type type, int64_t nrows, int64_t ncols, std::mt19937
     double scale = 1e-6;
     for (double r : ref) scale = std::max(scale, std::fabs(r));
 
+    // Where the kernel rounds its inputs to 8 bits (integer dot products), it may be off by what
+    // ggml's dense product loses rounding the same input vector to Q8_0: measured here on the
+    // same data, with the masked input laid out densely as a dense mat-vec would see it.
+    double tol = 1e-4 * scale;
+    if (actsparse_axpy_rounds_inputs(type)) {
+        const int64_t padded = (nrows + 31) / 32 * 32;
+        std::vector<float> x(padded, 0.0f);
+        for (size_t k = 0; k < idx.size(); ++k) x[idx[k]] = val[k];
+        const auto xr = dequantize(GGML_TYPE_Q8_0, quantize(GGML_TYPE_Q8_0, x, 1, padded), 1, padded);
+        double dense_err = 0;
+        for (int64_t c = 0; c < ncols; ++c) {
+            double yr = 0;
+            for (size_t k = 0; k < idx.size(); ++k) yr += (double) xr[idx[k]] * wd[idx[k] * ncols + c];
+            dense_err = std::max(dense_err, std::fabs(yr - ref[c]));
+        }
+        tol = 3.0 * dense_err;  // measured 1.2-1.7x: one scale covers sixteen rows of unequal weight scales
+    }
+
     const int64_t bs = ggml_blck_size(type);
     for (int nth = 1; nth <= 3; ++nth) {
         std::vector<float> y(ncols, NAN), yr(ncols, NAN);
@@ -94,9 +112,11 @@ static void test_axpy(ggml_type type, int64_t nrows, int64_t ncols, std::mt19937
             err = std::max(err, std::fabs(y[c] - ref[c]));
             err_ref = std::max(err_ref, (double) std::fabs(y[c] - yr[c]));
         }
-        check(err <= 1e-4 * scale + 1e-6 && err_ref <= 1e-5 * scale + 1e-7,
+        // the reference rounds the same way, so that comparison stays tight
+        check(err <= tol + 1e-6 && err_ref <= 1e-5 * scale + 1e-7,
               std::string("axpy ") + ggml_type_name(type) + " " + std::to_string(nrows) + "x" + std::to_string(ncols) +
-              " threads " + std::to_string(nth) + " err " + std::to_string(err / scale));
+              " threads " + std::to_string(nth) + " err " + std::to_string(err / scale) + " allowed " +
+              std::to_string(tol / scale));
     }
 }
 
