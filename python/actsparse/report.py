@@ -390,12 +390,14 @@ def render(results: list[dict], assets: str) -> str:
         "is bound by memory. Dense is measured as llama.cpp runs it: the file loaded without `--sparse`, "
         "so ffn_up is repacked for the CPU (interleaved rows and an integer mat-vec, about 57 G weights/s "
         "on 2 threads of this machine). Sparse decode gathers the active rows of ffn_up in plain layout "
-        "through ggml's single-row dot, and accumulates the active rows of each copy with a float "
-        "multiply-add per weight (25-35 G weights/s whatever the type; `actsparse-bench-kernels` measures "
-        "both loops by type). Gathered rows also cost more per byte as sparsity grows: fewer rows share a "
-        "memory page, so the hardware prefetchers help less (Q8_0 accumulate about 36 GB/s at sparsity "
-        "0.5, 26 GB/s at 0.7). On a tiny model like SmolLM2-135M, the fixed per-layer cost (graph nodes, "
-        "thread barriers) is a larger share of a token's time.",
+        "through ggml's single-row dot, and accumulates the active rows of each copy: Q8_0 copies with a "
+        "float multiply-add per weight (24-35 G weights/s), packed copies (`--transposed-type same`) with "
+        "integer dot products on x86 (Q4_K about 36 G weights/s); `actsparse-bench-kernels` measures both "
+        "loops by type. Gathered rows cost more per byte than streaming: the prefetches that gathering "
+        "needs fill the core's outstanding-miss slots (Q8_0 and Q4_K accumulate 20-28 GB/s against 32-40 "
+        "GB/s for dense decode), and fewer rows share a memory page as sparsity grows. On a tiny model like "
+        "SmolLM2-135M, the fixed per-layer cost (graph nodes, thread barriers) is a larger share of a "
+        "token's time.",
         "",
     ]
     return "\n".join(out)
