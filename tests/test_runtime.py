@@ -60,6 +60,7 @@ def _cpu_flags() -> set[str]:
 KERNEL_TESTS = {
     "actsparse-test-kernels": None,  # the CPU backend's own build: the widest SIMD the CPU has
     "actsparse-test-kernels-asan": None,  # the same under AddressSanitizer + UBSan
+    "actsparse-test-kernels-avx512bw": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"},  # no VNNI
     "actsparse-test-kernels-avx2": {"avx2", "fma", "f16c"},  # x86: the AVX2 path
     "actsparse-test-kernels-scalar": set(),  # x86: the scalar code
 }
@@ -68,8 +69,9 @@ KERNEL_TESTS = {
 @pytest.mark.parametrize("binary", KERNEL_TESTS)
 def test_kernels_against_dense_reference(binary: str) -> None:
     """Every kernel, every supported type, odd shapes, 1-3 threads; the second build runs under
-    AddressSanitizer and UndefinedBehaviorSanitizer; on x86 the kernels are also compiled for AVX2
-    and for baseline x86-64, so that each SIMD path and the scalar code are tested."""
+    AddressSanitizer and UndefinedBehaviorSanitizer; on x86 the kernels are also compiled for
+    AVX-512 without VNNI, AVX2 and baseline x86-64, so that each SIMD path and the scalar code are
+    tested."""
     needs = KERNEL_TESTS[binary]
     if needs is not None:
         if platform.machine() not in ("x86_64", "AMD64"):
@@ -78,6 +80,7 @@ def test_kernels_against_dense_reference(binary: str) -> None:
             pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}")
     proc = subprocess.run([str(engine.binary(binary))], capture_output=True, text=True)
     expected = {
+        "actsparse-test-kernels-avx512bw": "kernels: avx512\n",
         "actsparse-test-kernels-avx2": "kernels: avx2",
         "actsparse-test-kernels-scalar": "kernels: scalar",
     }

@@ -18,7 +18,8 @@ enum actsparse_act { ACTSPARSE_ACT_NONE = 0, ACTSPARSE_ACT_SILU = 1, ACTSPARSE_A
 // The FFN activations exactly as ggml's CPU ops compute them (the thresholds were measured on these).
 ACTSPARSE_KERNEL_API float actsparse_apply_act(enum actsparse_act act, float x);
 
-// The SIMD path the kernels were compiled for: "avx512", "avx2", "neon", "neon+dotprod" or "scalar".
+// The SIMD path the kernels were compiled for: "avx512+vnni", "avx512", "avx2", "neon", "neon+dotprod" or
+// "scalar".
 ACTSPARSE_KERNEL_API const char * actsparse_kernels_simd(void);
 
 // y[i] = a(x[i]) where |a(x[i])| > t_i, else 0, for i in [i0, i1); t_i = t[i], or t[0] when

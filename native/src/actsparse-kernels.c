@@ -50,7 +50,9 @@ float actsparse_apply_act(enum actsparse_act act, float x) {
 }
 
 const char * actsparse_kernels_simd(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return "avx512+vnni";  // the packed accumulate's dot products are VNNI's
+#elif defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
