@@ -43,8 +43,9 @@ ACTSPARSE_KERNEL_API void actsparse_axpy_rows(enum ggml_type type, const void * 
                          const float * val, int64_t n, float * y, int64_t c0, int64_t c1);
 
 // Whether actsparse_axpy_rows rounds val to 8 bits (per 16 rows and 16 columns, as ggml's dense dot
-// products round their inputs) for this type: packed types on x86 with AVX2 or AVX-512, which
-// accumulate in integer dot-product instructions. Its reference then rounds the same way.
+// products round their inputs) for this type: packed types on x86 with AVX2 or AVX-512 and on
+// aarch64 with the dot-product extension, which accumulate in integer dot-product instructions.
+// Its reference then rounds the same way.
 ACTSPARSE_KERNEL_API bool actsparse_axpy_rounds_inputs(enum ggml_type type);
 
 // Scalar reference of actsparse_axpy_rows (tests compare the SIMD paths with it).

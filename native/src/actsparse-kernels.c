@@ -758,7 +758,7 @@ static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, cons
     }
 }
 
-// ---- packed types, integer accumulate (x86 with AVX2 or AVX-512) ------------------------------
+// ---- packed types, integer accumulate (x86 with AVX2 or AVX-512, aarch64 with dotprod) ------
 //
 // The float loop above converts every weight to float for one multiply-add each: about 28 G
 // weights/s on two cores, which makes a 4-bit copy slower to read than the dense integer mat-vec
@@ -769,9 +769,11 @@ static void axpy_rows_unpacked(enum ggml_type type, unpack_range_fn unpack, cons
 // coefficients (o_g = sum_k v^_kg * m_kg with v^_kg = c_kg * S_g / d_kg), so the rounding acts like
 // rounding the inputs v_k to 8 bits, as ggml's dense dot products round theirs, and not on the
 // offset-shifted q. Unpacked q are unsigned and below 64 (IQ4_NL's code book is not: it keeps the
-// float loop), so maddubs's 16-bit pair sums cannot saturate.
+// float loop), so maddubs's 16-bit pair sums cannot saturate. On aarch64 with the dot-product
+// extension (Raspberry Pi 5), sdot takes the same operands.
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__AVX2__) && defined(__FMA__)) || \
+    (defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD))
 #define ACTSPARSE_INT_ACCUMULATE 1
 #endif
 
@@ -808,7 +810,7 @@ typedef __m512i ivec;
 #define I32_TO_FV _mm512_cvtepi32_ps
 #define FV_RATIO_OR(num, den, alt)                                                                  \
     _mm512_mask_div_ps(alt, _mm512_cmp_ps_mask(den, _mm512_setzero_ps(), _CMP_NEQ_OQ), num, den)
-#else
+#elif defined(__AVX2__)
 #define INT_VEC 8
 typedef __m256 fvec;
 typedef __m256i ivec;
@@ -824,15 +826,35 @@ typedef __m256i ivec;
 #define I32_TO_FV _mm256_cvtepi32_ps
 #define FV_RATIO_OR(num, den, alt)                                                                  \
     _mm256_blendv_ps(_mm256_div_ps(num, den), alt, _mm256_cmp_ps(den, _mm256_setzero_ps(), _CMP_EQ_OQ))
+#else
+#define INT_VEC 4
+typedef float32x4_t fvec;
+typedef int32x4_t ivec;
+#define FV_LOAD vld1q_f32
+#define FV_STORE vst1q_f32
+#define FV_SET1 vdupq_n_f32
+#define FV_MUL vmulq_f32
+#define FV_FMA(a, b, c) vfmaq_f32(c, a, b)
+#define FV_MAX vmaxq_f32
+#define FV_ABS vabsq_f32
+#define FV_ZERO() vdupq_n_f32(0.0f)
+#define FV_TO_I32 vcvtnq_s32_f32  // to nearest, ties to even, as x86's cvtps
+#define I32_TO_FV vcvtq_f32_s32
+#define FV_RATIO_OR(num, den, alt) vbslq_f32(vceqzq_f32(den), alt, vdivq_f32(num, den))
 #endif
 
 // INT_VEC int32 lanes (each in [-127, 127]) -> INT_VEC bytes.
 static inline void store_i8(int8_t * dst, ivec c) {
 #if INT_VEC == 16
     _mm_storeu_si128((__m128i *) dst, _mm512_cvtsepi32_epi8(c));
-#else
+#elif INT_VEC == 8
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
     _mm_storel_epi64((__m128i *) dst, _mm_packs_epi16(w, w));
+#else
+    const int16x4_t h = vqmovn_s32(c);
+    int8_t b[8];
+    vst1_s8(b, vqmovn_s16(vcombine_s16(h, h)));
+    memcpy(dst, b, INT_VEC);
 #endif
 }
 
@@ -883,6 +905,7 @@ static void int_group_scalar(float * y, const uint8_t * const q[INT_ROWS], int64
     }
 }
 
+#if defined(__AVX2__)
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define INT_TILE_GROUPS 4  // one group per 128-bit lane
 #define IV_LOAD(p) _mm512_loadu_si512((const void *) (p))
@@ -958,6 +981,32 @@ static inline void int_tile(float * y, const uint8_t * const q[INT_ROWS], int64_
     }
 #endif
 }
+#else
+#define INT_TILE_GROUPS 1
+
+// One column group of a pass's rows with sdot: zips interleave four rows' bytes so that each
+// 32-bit element holds one column of the four rows; acc[j] holds columns 4 j .. 4 j + 3.
+static inline void int_tile(float * y, const uint8_t * const q[INT_ROWS], int64_t g, uint32_t (*coef)[INT_GROUPS],
+                            const float * scale, const float * offset) {
+    const int64_t col = 16 * g;
+    int32x4_t acc[4] = { vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0) };
+    for (int p = 0; p < INT_ROWS / 4; ++p) {
+        const uint8x16_t r0 = vld1q_u8(q[4 * p] + col), r1 = vld1q_u8(q[4 * p + 1] + col);
+        const uint8x16_t r2 = vld1q_u8(q[4 * p + 2] + col), r3 = vld1q_u8(q[4 * p + 3] + col);
+        const uint16x8_t t0 = vreinterpretq_u16_u8(vzip1q_u8(r0, r1)), t1 = vreinterpretq_u16_u8(vzip2q_u8(r0, r1));
+        const uint16x8_t t2 = vreinterpretq_u16_u8(vzip1q_u8(r2, r3)), t3 = vreinterpretq_u16_u8(vzip2q_u8(r2, r3));
+        const int8x16_t cp = vreinterpretq_s8_u32(vdupq_n_u32(coef[p][g]));  // rows 4p .. 4p+3
+        acc[0] = vdotq_s32(acc[0], vreinterpretq_s8_u16(vzip1q_u16(t0, t2)), cp);
+        acc[1] = vdotq_s32(acc[1], vreinterpretq_s8_u16(vzip2q_u16(t0, t2)), cp);
+        acc[2] = vdotq_s32(acc[2], vreinterpretq_s8_u16(vzip1q_u16(t1, t3)), cp);
+        acc[3] = vdotq_s32(acc[3], vreinterpretq_s8_u16(vzip2q_u16(t1, t3)), cp);
+    }
+    const float32x4_t sv = vdupq_n_f32(scale[0]), ov = vdupq_n_f32(offset[0]);
+    for (int j = 0; j < 4; ++j) {
+        vst1q_f32(y + 4 * j, vfmaq_f32(vaddq_f32(vld1q_f32(y + 4 * j), ov), sv, vcvtq_f32_s32(acc[j])));
+    }
+}
+#endif
 
 // Rows of a packed type over columns [c0, c1), INT_ROWS rows per pass (a short last pass repeats
 // a row with weight 0); `reference` runs the scalar groups only.
