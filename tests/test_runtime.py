@@ -194,7 +194,8 @@ def test_decode_kernels_equal_the_dense_product_with_the_same_mask(
 
 def test_kernel_benchmark_reports_every_type_and_refuses_bad_input() -> None:
     """actsparse-bench-kernels (the throughput the docs quote) times both decode loops for each
-    type asked, on the threads asked; an unknown type or a sparsity outside [0, 1) is one line."""
+    type asked, on the threads asked, beside plain reads of the same rows; an unknown type or a
+    sparsity outside [0, 1) is one line."""
     tool = str(engine.binary("actsparse-bench-kernels"))
     args = ["--rows", "300", "--cols", "512", "-t", "3", "-r", "1", "--mem", "16", "--json"]
     proc = subprocess.run(
@@ -205,7 +206,8 @@ def test_kernel_benchmark_reports_every_type_and_refuses_bad_input() -> None:
     assert report["threads"] == 3 and report["sparsity"] == 0.6
     assert [t["type"] for t in report["types"]] == ["q8_0", "q4_K", "f16"]
     for t in report["types"]:
-        for key in ("accumulate_gbs", "accumulate_gweights", "gather_gbs", "gather_gweights"):
+        loops = ("accumulate_gbs", "accumulate_gweights", "gather_gbs", "gather_gweights")
+        for key in (*loops, "read_active_gbs", "read_all_gbs"):
             assert t[key] > 0, (t, key)
         # GB/s over G weights/s is the type's bytes per weight
         bytes_per_weight = {"q8_0": 34 / 32, "q4_K": 144 / 256, "f16": 2.0}[t["type"]]

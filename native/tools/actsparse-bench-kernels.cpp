@@ -6,7 +6,9 @@
 // types. This tool times them on a random matrix of a chosen shape, on as many threads as decode
 // uses, each thread taking its share of the active rows the way the runtime splits them, over
 // enough copies of the matrix that they come from memory rather than cache. It reports GB/s of
-// weight bytes read and G weights/s, medians of the repeats.
+// weight bytes read and G weights/s, medians of the repeats; and, as their bound, what the memory
+// system gives the same reads with no arithmetic: the active rows alone (gathered, prefetched as
+// the kernels do) and every row (streamed, as dense decode reads).
 
 #include "actsparse-kernels.h"
 #include "ggml-cpu.h"
@@ -16,6 +18,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <thread>
@@ -40,7 +43,8 @@ void print_usage() {
         "\n"
         "Times the sparse decode kernels by weight type: the accumulate over active rows of a\n"
         "transposed copy (ffn_down, attn_q, attn_output) and the gathered dot over active rows of\n"
-        "ffn_up. Reports weight bytes read per second and weights per second (medians).\n"
+        "ffn_up. Reports weight bytes read per second and weights per second (medians), and the\n"
+        "bandwidth of the same reads with no arithmetic: the active rows alone, and every row.\n"
         "\n"
         "options:\n"
         "  --rows N          rows of the matrix (default 8960)\n"
@@ -114,6 +118,8 @@ options parse(int argc, char ** argv) {
 struct timing {
     double accumulate_s = 0.0;  // medians over the repeats, seconds per pass over all matrices
     double gather_s = 0.0;
+    double read_active_s = 0.0;  // the active rows read with no arithmetic
+    double read_all_s = 0.0;     // every row read in order, bytes scaled to the active rows'
 };
 
 double median(std::vector<double> v) {
@@ -129,6 +135,30 @@ template <typename F> double on_threads(int n, F fn) {
     fn(0);
     for (auto & t : pool) t.join();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// XOR of rows idx[k0 .. k1) of each matrix, 8 bytes at a time, prefetching rows about 8 KB ahead
+// as the kernels do (a gathered row is invisible to the hardware prefetchers).
+uint64_t read_rows(const uint8_t * w, size_t mat_bytes, int64_t n_mats, size_t row_bytes, const int32_t * idx,
+                   int64_t k0, int64_t k1) {
+    const int64_t ahead = std::max<int64_t>(2, 8192 / (int64_t) row_bytes);
+    uint64_t h = 0;
+    for (int64_t m = 0; m < n_mats; ++m) {
+        const uint8_t * mat = w + m * mat_bytes;
+        for (int64_t k = k0; k < k1; ++k) {
+            if (k + ahead < k1) {
+                const uint8_t * next = mat + (size_t) idx[k + ahead] * row_bytes;
+                for (size_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(next + o, 0, 2);
+            }
+            const uint8_t * row = mat + (size_t) idx[k] * row_bytes;
+            for (size_t o = 0; o + 8 <= row_bytes; o += 8) {
+                uint64_t x;
+                std::memcpy(&x, row + o, 8);
+                h ^= x;
+            }
+        }
+    }
+    return h;
 }
 
 timing bench_type(const options & o, ggml_type type, const std::vector<int32_t> & idx, const std::vector<float> & val,
@@ -158,7 +188,10 @@ timing bench_type(const options & o, ggml_type type, const std::vector<int32_t> 
     }
     std::vector<std::vector<float>> y(o.threads, std::vector<float>(o.cols));
     std::vector<float> out(k);
-    std::vector<double> acc, gat;
+    std::vector<int32_t> every(o.rows);
+    for (int64_t i = 0; i < o.rows; ++i) every[i] = (int32_t) i;
+    std::vector<uint64_t> sink(o.threads);
+    std::vector<double> acc, gat, rda, rdl;
     for (int r = 0; r < o.repeats + 1; ++r) {  // the first pass warms up
         const double ta = on_threads(o.threads, [&](int ith) {
             const int64_t k0 = k * ith / o.threads, k1 = k * (ith + 1) / o.threads;
@@ -174,12 +207,23 @@ timing bench_type(const options & o, ggml_type type, const std::vector<int32_t> 
                                    xq.data(), out.data(), k0, k1);
             }
         });
+        const double tr = on_threads(o.threads, [&](int ith) {
+            sink[ith] ^= read_rows(w.data(), mat_bytes, n_mats, row_bytes, idx.data(), k * ith / o.threads,
+                                   k * (ith + 1) / o.threads);
+        });
+        const double tl = on_threads(o.threads, [&](int ith) {
+            sink[ith] ^= read_rows(w.data(), mat_bytes, n_mats, row_bytes, every.data(), o.rows * ith / o.threads,
+                                   o.rows * (ith + 1) / o.threads);
+        });
         if (r > 0) {
             acc.push_back(ta);
             gat.push_back(tg);
+            rda.push_back(tr);
+            rdl.push_back(tl * (double) k / (double) o.rows);  // per active row's bytes
         }
     }
-    return { median(acc), median(gat) };
+    if (std::count(sink.begin(), sink.end(), 42u) > (long) o.threads) std::printf(" ");  // keeps the reads
+    return { median(acc), median(gat), median(rda), median(rdl) };
 }
 
 }  // namespace
@@ -200,7 +244,8 @@ int main(int argc, char ** argv) {
     if (!o.json) {
         std::printf("simd %s, %d threads, %lld x %lld, sparsity %.2f (%zu active rows)\n", actsparse_kernels_simd(),
                     o.threads, (long long) o.rows, (long long) o.cols, o.sparsity, idx.size());
-        std::printf("%-8s %14s %16s %14s %16s\n", "type", "accum GB/s", "accum Gw/s", "gather GB/s", "gather Gw/s");
+        std::printf("%-8s %12s %12s %12s %12s %12s %12s\n", "type", "accum GB/s", "accum Gw/s", "gather GB/s",
+                    "gather Gw/s", "read GB/s", "stream GB/s");
     } else {
         std::printf("{\"simd\": \"%s\", \"threads\": %d, \"rows\": %lld, \"cols\": %lld, \"sparsity\": %g, \"types\": [",
                     actsparse_kernels_simd(), o.threads, (long long) o.rows, (long long) o.cols, o.sparsity);
@@ -214,12 +259,15 @@ int main(int argc, char ** argv) {
         const char * name = ggml_type_name(o.types[i]);
         if (o.json) {
             std::printf("%s{\"type\": \"%s\", \"accumulate_gbs\": %.3f, \"accumulate_gweights\": %.3f, "
-                        "\"gather_gbs\": %.3f, \"gather_gweights\": %.3f}",
+                        "\"gather_gbs\": %.3f, \"gather_gweights\": %.3f, \"read_active_gbs\": %.3f, "
+                        "\"read_all_gbs\": %.3f}",
                         i ? ", " : "", name, bytes / t.accumulate_s / 1e9, weights / t.accumulate_s / 1e9,
-                        bytes / t.gather_s / 1e9, weights / t.gather_s / 1e9);
+                        bytes / t.gather_s / 1e9, weights / t.gather_s / 1e9, bytes / t.read_active_s / 1e9,
+                        bytes / t.read_all_s / 1e9);
         } else {
-            std::printf("%-8s %14.1f %16.1f %14.1f %16.1f\n", name, bytes / t.accumulate_s / 1e9,
-                        weights / t.accumulate_s / 1e9, bytes / t.gather_s / 1e9, weights / t.gather_s / 1e9);
+            std::printf("%-8s %12.1f %12.1f %12.1f %12.1f %12.1f %12.1f\n", name, bytes / t.accumulate_s / 1e9,
+                        weights / t.accumulate_s / 1e9, bytes / t.gather_s / 1e9, weights / t.gather_s / 1e9,
+                        bytes / t.read_active_s / 1e9, bytes / t.read_all_s / 1e9);
         }
         std::fflush(stdout);
     }
