@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,23 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
 def small_sparse_model(small_sparse_dir: Path) -> Path:
     """SmolLM2 with CHESS + attention thresholds at the default levels (0.3 .. 0.7)."""
     return small_sparse_dir / "chess-attn.gguf"
+
+
+@pytest.fixture(scope="session")
+def small_f32_sparse_model(small_model_path: Path, small_sparse_dir: Path) -> Path:
+    """The default model's weights dequantized to F32 by llama-quantize, with the thresholds of the
+    session's calibration (--load-stats) and F32 transposed copies. Every product is then float
+    arithmetic in llama.cpp as in transformers (no 8-bit rounding of activations), so tests of the
+    sparse function can ask for float tolerance."""
+    from actsparse import engine
+    from helpers import run_converter
+
+    f32 = small_sparse_dir / "f32.gguf"
+    cmd = [str(engine.binary("llama-quantize")), "--allow-requantize", str(small_model_path), str(f32), "F32"]
+    proc = subprocess.run([*cmd, "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = small_sparse_dir / "f32.sparse.gguf"
+    stats = small_sparse_dir / "stats.gguf"
+    run_converter(f32, "-o", out, "--load-stats", stats, "--refine-tokens", 0, "-q", check=True)
+    f32.unlink()
+    return out

@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -44,6 +45,11 @@ ACTSPARSE_API bool actsparse_plain_up_rows(void);
 // (the default) forgets the recording.
 enum actsparse_trace_mode { ACTSPARSE_TRACE_OFF = 0, ACTSPARSE_TRACE_RECORD = 1, ACTSPARSE_TRACE_REPLAY = 2 };
 ACTSPARSE_API void actsparse_mask_trace(int mode);
+
+// The recording read back, so that another engine can apply the same masks: copies the mask of
+// recorded token `index` for `layer` and `kind` (0 FFN channels, 1 q input, 2 o input) into `out`
+// (1 = active, `capacity` bytes) and returns its length, or -1 when there is no such recording.
+ACTSPARSE_API int64_t actsparse_mask_trace_get(int layer, int kind, int64_t index, uint8_t * out, int64_t capacity);
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,7 @@
 #include "llama-context.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -433,6 +434,15 @@ extern "C" void actsparse_mask_trace(int mode) {
         g_trace.cursor.clear();
     }
     g_trace_mode = mode;
+}
+
+extern "C" int64_t actsparse_mask_trace_get(int layer, int kind, int64_t index, uint8_t * out, int64_t capacity) {
+    std::lock_guard<std::mutex> lock(g_trace.mutex);
+    const auto it = g_trace.masks.find({ layer, kind });
+    if (it == g_trace.masks.end() || index < 0 || index >= (int64_t) it->second.size()) return -1;
+    const std::vector<uint8_t> & mask = it->second[(size_t) index];
+    if (out) std::memcpy(out, mask.data(), (size_t) std::min<int64_t>(capacity, (int64_t) mask.size()));
+    return (int64_t) mask.size();
 }
 
 static void trace_record(const op_params * p, std::vector<uint8_t> && active) {

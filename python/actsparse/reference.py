@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import gguf_io
+from .runtime import MASK_KINDS
 
 if TYPE_CHECKING:
     from .zeroshot import Request
 
 __all__ = [
     "KINDS",
+    "RecordedMasks",
     "ChessMasks",
     "ChessThresholds",
     "chess_masks",
@@ -138,21 +140,47 @@ def read_thresholds(path: str | os.PathLike[str], level: float | None = None) ->
 # --- masks ----------------------------------------------------------------------------------------
 
 
-KINDS = ("ffn", "attn_q_in", "attn_o_in")  # the runtime's names (sparse_stats)
+KINDS = MASK_KINDS  # the runtime's names (sparse_stats)
 
 
-def _keep(x: Any, t: Any, counter: list[int]) -> Any:
-    """x with entries where |x| <= t zeroed (t broadcasts over the last dimension); counts them."""
-    keep = x.abs() > t
-    counter[0] += int(keep.numel() - keep.sum())
-    counter[1] += keep.numel()
-    return x * keep.to(x.dtype)
+class _Site:
+    """One masked input (layer and kind): its thresholds, the masks to replay instead of them
+    (None: compare with the thresholds), and what it counted."""
+
+    def __init__(self, t: Any, replay: Any | None) -> None:
+        self.t = t
+        self.replay = replay  # bool [tokens, n] from the runtime's recording
+        self.zeroed = 0
+        self.total = 0
+        self.disagree = 0  # replayed decisions this engine's comparison would have made otherwise
+        self.max_margin = 0.0  # the largest ||x| - t| / t among those
+
+    def keep(self, x: Any) -> Any:
+        """x with its masked entries zeroed (t broadcasts over the last dimension)."""
+        own = x.abs() > self.t
+        keep = own
+        if self.replay is not None:
+            n_tok = x.shape[-2]
+            if self.replay.shape[0] < n_tok or self.replay.shape[1] != x.shape[-1]:
+                raise ValueError(
+                    f"recorded masks of shape {tuple(self.replay.shape)} do not cover an input of "
+                    f"shape {tuple(x.shape)}"
+                )
+            keep = self.replay[:n_tok].expand_as(x)
+            differ = keep != own
+            self.disagree += int(differ.sum())
+            if bool(differ.any()):
+                margin = (x.abs() - self.t).abs() / self.t.clamp_min(1e-30)
+                self.max_margin = max(self.max_margin, float(margin[differ].max()))
+        self.zeroed += int(keep.numel() - keep.sum())
+        self.total += keep.numel()
+        return x * keep.to(x.dtype)
 
 
-def _masked_mlp_forward(t: Any, counter: list[int]) -> Any:
+def _masked_mlp_forward(site: _Site) -> Any:
     def forward(self: Any, x: Any) -> Any:
         a = self.act_fn(self.gate_proj(x))
-        return self.down_proj(_keep(a, t, counter) * self.up_proj(x))
+        return self.down_proj(site.keep(a) * self.up_proj(x))
 
     return forward
 
@@ -161,26 +189,43 @@ class ChessMasks:
     """Installed masks; :meth:`remove` restores the dense model (also on leaving a ``with``).
 
     :meth:`stats` is the fraction of inputs zeroed since installation, in the layout of the
-    runtime's ``sparse_stats`` (which counts single-token decodes only).
+    runtime's ``sparse_stats`` (which counts single-token decodes only). With replayed masks,
+    :meth:`disagreements` says where this engine's own comparison would have decided otherwise.
     """
 
     def __init__(self, n_layer: int) -> None:
         self._undo: list[Any] = []
-        self._counts = [{k: [0, 0] for k in KINDS} for _ in range(n_layer)]
+        self._sites: list[dict[str, _Site]] = [{} for _ in range(n_layer)]
 
     def remove(self) -> None:
         while self._undo:
             self._undo.pop()()
 
     def stats(self) -> dict[str, Any]:
-        def frac(z: int, n: int) -> float | None:
-            return z / n if n else None
+        def frac(sites: list[_Site]) -> float | None:
+            total = sum(x.total for x in sites)
+            return sum(x.zeroed for x in sites) / total if total else None
 
-        layers = [{"layer": il, **{k: frac(*c[k]) for k in KINDS}} for il, c in enumerate(self._counts)]
-        overall = {
-            k: frac(sum(c[k][0] for c in self._counts), sum(c[k][1] for c in self._counts)) for k in KINDS
-        }
+        layers = [
+            {"layer": il, **{k: frac([s[k]] if k in s else []) for k in KINDS}}
+            for il, s in enumerate(self._sites)
+        ]
+        overall = {k: frac([s[k] for s in self._sites if k in s]) for k in KINDS}
         return {"layers": layers, "overall": overall}
+
+    def disagreements(self) -> dict[str, dict[str, float]]:
+        """Per kind: the replayed decisions that differ from ``|x| > t`` computed here (count and
+        fraction of all), and the largest relative distance ``||x| - t| / t`` of such an input
+        from its threshold: a few, all next to their thresholds, is rounding; anything else is a
+        different mask."""
+        out = {}
+        for k in KINDS:
+            sites = [s[k] for s in self._sites if k in s]
+            total = sum(x.total for x in sites)
+            count = sum(x.disagree for x in sites)
+            margin = max((x.max_margin for x in sites), default=0.0)
+            out[k] = {"count": count, "fraction": count / total if total else 0.0, "max_margin": margin}
+        return out
 
     def __enter__(self) -> ChessMasks:
         return self
@@ -197,12 +242,22 @@ def _layers(model: Any) -> Any:
     return layers
 
 
+RecordedMasks = dict[tuple[int, str], np.ndarray]  # (layer, kind) -> bool [tokens, n], 1 = active
+
+
 def install_chess_masks(
-    model: Any, thresholds: ChessThresholds | str | os.PathLike[str], level: float | None = None
+    model: Any,
+    thresholds: ChessThresholds | str | os.PathLike[str],
+    level: float | None = None,
+    replay: RecordedMasks | None = None,
 ) -> ChessMasks:
     """Install the masks of ``thresholds`` (or of the GGUF at that path, at ``level``) into a
     Llama-like transformers model (``model.layers[i].mlp.{gate,up,down}_proj``,
-    ``self_attn.{q,o}_proj``); returns the handle that removes them."""
+    ``self_attn.{q,o}_proj``); returns the handle that removes them.
+
+    ``replay``: masks the runtime recorded token by token (``runtime.recorded_masks``), applied
+    to a teacher-forced sequence from its first token instead of the comparison, so that the two
+    engines can be compared with identical masks."""
     torch = _torch()
     if not isinstance(thresholds, ChessThresholds):
         thresholds = read_thresholds(thresholds, level)
@@ -212,33 +267,41 @@ def install_chess_masks(
     dtype = next(model.parameters()).dtype
     masks = ChessMasks(len(layers))
 
-    def tensor(a: np.ndarray) -> Any:
-        return torch.from_numpy(a).to(dtype)
+    def site(il: int, kind: str, t: np.ndarray) -> _Site:
+        recorded = None
+        if replay is not None:
+            if (il, kind) not in replay:
+                raise ValueError(f"no recorded masks for layer {il}, {kind}")
+            recorded = torch.from_numpy(np.asarray(replay[(il, kind)], dtype=bool))
+        masks._sites[il][kind] = _Site(torch.from_numpy(t).to(dtype), recorded)
+        return masks._sites[il][kind]
 
-    def pre_hook(t: Any, counter: list[int]) -> Any:
-        return lambda _module, args: (_keep(args[0], t, counter), *args[1:])
+    def pre_hook(s: _Site) -> Any:
+        return lambda _module, args: (s.keep(args[0]), *args[1:])
 
     for il, layer in enumerate(layers):
-        counts = masks._counts[il]
         t_ffn, t_q, t_o = thresholds.ffn[il], thresholds.q_in[il], thresholds.o_in[il]
         if t_ffn is not None:
             mlp = layer.mlp
-            mlp.forward = types.MethodType(_masked_mlp_forward(tensor(t_ffn), counts["ffn"]), mlp)
+            mlp.forward = types.MethodType(_masked_mlp_forward(site(il, "ffn", t_ffn)), mlp)
             masks._undo.append(lambda mlp=mlp: delattr(mlp, "forward"))
         attn = layer.self_attn
         for proj, t, kind in ((attn.q_proj, t_q, "attn_q_in"), (attn.o_proj, t_o, "attn_o_in")):
             if t is not None:
-                handle = proj.register_forward_pre_hook(pre_hook(tensor(t), counts[kind]))
+                handle = proj.register_forward_pre_hook(pre_hook(site(il, kind, t)))
                 masks._undo.append(handle.remove)
     return masks
 
 
 @contextlib.contextmanager
 def chess_masks(
-    model: Any, thresholds: ChessThresholds | str | os.PathLike[str], level: float | None = None
+    model: Any,
+    thresholds: ChessThresholds | str | os.PathLike[str],
+    level: float | None = None,
+    replay: RecordedMasks | None = None,
 ) -> Iterator[ChessMasks]:
     """``with chess_masks(model, path, 0.5): ...`` runs the model with the masks of that level."""
-    masks = install_chess_masks(model, thresholds, level)
+    masks = install_chess_masks(model, thresholds, level, replay)
     try:
         yield masks
     finally:

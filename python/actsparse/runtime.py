@@ -14,6 +14,8 @@ import ctypes
 import json
 from typing import Any
 
+import numpy as np
+
 from . import engine
 
 
@@ -41,6 +43,14 @@ def _lib() -> ctypes.CDLL:
         lib.actsparse_model_default_level.argtypes = [ctypes.c_void_p]
         lib.actsparse_mask_trace.restype = None
         lib.actsparse_mask_trace.argtypes = [ctypes.c_int]
+        lib.actsparse_mask_trace_get.restype = ctypes.c_int64
+        lib.actsparse_mask_trace_get.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+        ]
         lib._actsparse_ready = True
     return lib
 
@@ -87,6 +97,27 @@ def trace_masks(mode: str) -> None:
     It lets a test compare decode with batched prefill under identical masks
     (actsparse_mask_trace in native/include/actsparse.h)."""
     _lib().actsparse_mask_trace(TRACE_MODES[mode])
+
+
+MASK_KINDS = ("ffn", "attn_q_in", "attn_o_in")  # sparse_stats' kinds, numbered as the runtime does
+
+
+def recorded_masks(llm: Any) -> dict[tuple[int, str], np.ndarray]:
+    """What trace_masks("record") kept: (layer, kind) -> bool [decoded tokens, inputs], True where
+    the input was active. reference.chess_masks(..., replay=...) applies them in transformers."""
+    lib = _lib()
+    n_layer = engine.llama_cpp().llama_cpp.llama_model_n_layer(llm._model.model)
+    out = {}
+    for il in range(n_layer):
+        for k, kind in enumerate(MASK_KINDS):
+            rows = []
+            while (n := lib.actsparse_mask_trace_get(il, k, len(rows), None, 0)) >= 0:
+                row = np.empty(n, dtype=np.uint8)
+                lib.actsparse_mask_trace_get(il, k, len(rows), row.ctypes.data, n)
+                rows.append(row)
+            if rows:
+                out[(il, kind)] = np.stack(rows).astype(bool)
+    return out
 
 
 def Llama(model_path: str, sparse: float | bool | None = None, **kwargs: Any) -> Any:  # noqa: N802
