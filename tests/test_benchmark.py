@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from actsparse.benchmark import weight_bytes_per_token
+from actsparse.benchmark import weight_bytes_per_token, weight_bytes_read
 from helpers import run_cli, run_converter
 
 
@@ -46,6 +46,9 @@ def test_weight_bytes_follow_the_definition(sparse_model: Path) -> None:
                 expected += (1 - s) * copy - n
         got = weight_bytes_per_token(sparse_model, 0.72, 0.66, 0.3, level=level)
         assert got == pytest.approx(expected), level
+        streamed, gathered = weight_bytes_read(sparse_model, 0.72, 0.66, 0.3, level=level)
+        assert streamed + gathered == pytest.approx(got) and gathered > 0
+    assert weight_bytes_read(sparse_model) == (pytest.approx(dense), 0.0)
     # At 0.7 the Q8_0 copies of this Q4_1 model are read; at 0.3 only the up rows shrink.
     assert weight_bytes_per_token(sparse_model, 0.72, 0.66, 0.3, level=0.7) < weight_bytes_per_token(
         sparse_model, 0.72, 0.66, 0.3, level=0.3
@@ -69,8 +72,15 @@ def test_bench_reports_json_and_png(sparse_model: Path, tmp_path: Path) -> None:
         per_repeat = sorted(a / b for a, b in zip(e["decode_tps"], dense["decode_tps"], strict=True))
         assert len(per_repeat) == 3 and e["decode_ratio"] == pytest.approx(per_repeat[1])
         assert e["efficiency"] == pytest.approx(e["decode_ratio"] / e["ceiling"])
+        # the memory bound prices the gathered bytes at the read cost measured on this machine
+        dense_bytes = report["dense_weight_bytes_per_token"]
+        streamed, gathered, cost = e["streamed_bytes"], e["gathered_bytes"], e["gathered_read_cost"]
+        assert gathered > 0 and cost > 0
+        assert e["ceiling"] == pytest.approx(dense_bytes / (streamed + gathered))
+        assert e["memory_bound"] == pytest.approx(dense_bytes / (streamed + gathered * cost))
+        assert e["of_memory_bound"] == pytest.approx(e["decode_ratio"] / e["memory_bound"])
     assert png.stat().st_size > 1000
-    assert "ceiling" in proc.stdout
+    assert "ceiling" in proc.stdout and "mem bound" in proc.stdout
 
 
 def test_bench_refuses_unknown_levels_and_dense_models(sparse_model: Path, small_model_path: Path) -> None:

@@ -1,8 +1,14 @@
 """`actsparse bench`: dense against sparse decode and prefill in one run, next to the
-bytes-per-token ceiling.
+bytes-per-token ceiling and to what this machine's memory system allows.
 
 Each repeat runs llama-bench once per level (0 = dense first), so the levels interleave
 (A B C A B C ...) and drift on a shared machine hits them alike; the report gives medians.
+
+The ceiling counts every weight byte alike. Sparse decode reads some of them gathered (the active
+rows of ffn_up and of the transposed copies), and a memory system reads gathered rows more slowly
+than it streams a whole matrix: the memory bound prices the gathered bytes at the cost measured
+here by actsparse-bench-kernels (the same rows read with no arithmetic, active rows alone against
+every row) at the level's realized sparsity.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ class LevelResult:
     peak_rss_mb: float = 0.0
     realized: dict[str, float] = field(default_factory=dict)  # ffn, attn_q_in, attn_o_in
     ceiling: float = 1.0
+    streamed_bytes: float = 0.0  # weight bytes per token read whole
+    gathered_bytes: float = 0.0  # and as gathered active rows
+    gathered_read_cost: float = 1.0  # time per gathered byte over time per streamed byte, measured
+    memory_bound: float = 1.0  # the ceiling with gathered bytes priced at that cost
 
     @property
     def decode_median(self) -> float:
@@ -62,16 +72,16 @@ class LevelResult:
 SPARSE_BYTES_MARGIN = 0.8
 
 
-def weight_bytes_per_token(
+def weight_bytes_read(
     path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
-) -> float:
-    """Weight bytes one decode step reads: every matrix it multiplies (the output layer included,
-    token_embd only when it doubles as the output); with sparsity (realized s_*, at target `level`),
-    the active rows of ffn_up, and of each transposed copy the runtime chooses to read, at its
-    real type."""
+) -> tuple[float, float]:
+    """Weight bytes one decode step reads, as (streamed, gathered): every matrix it multiplies
+    (the output layer included, token_embd only when it doubles as the output) is read whole,
+    except, with sparsity (realized s_*, at target `level`), ffn_up and each transposed copy the
+    runtime chooses to read, of which only the active rows are read (gathered), at their real type."""
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
     nbytes = {name: t.n_bytes for name, t in tensors.items()}
-    total = 0.0
+    streamed = gathered = 0.0
     for name, n in nbytes.items():
         m = re.match(r"blk\.\d+\.(\w+)\.weight$", name)
         kind = m.group(1) if m else name
@@ -90,13 +100,31 @@ def weight_bytes_per_token(
         copy_bytes = nbytes.get(name.replace(kind, copy)) if copy else None
         s = {"ffn_up": s_ffn, "ffn_down": s_ffn, "attn_q": s_q, "attn_output": s_o}.get(kind, 0.0)
         target = s if level is None else level
-        if kind == "ffn_up":
-            total += (1 - s) * n
+        if kind == "ffn_up" and s > 0:
+            gathered += (1 - s) * n
         elif copy_bytes and s > 0 and (1 - target) * copy_bytes <= SPARSE_BYTES_MARGIN * n:
-            total += (1 - s) * copy_bytes
+            gathered += (1 - s) * copy_bytes
         else:
-            total += n
-    return total
+            streamed += n
+    return streamed, gathered
+
+
+def weight_bytes_per_token(
+    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
+) -> float:
+    """All weight bytes one decode step reads (weight_bytes_read, streamed and gathered alike)."""
+    return sum(weight_bytes_read(path, s_ffn, s_q, s_o, level))
+
+
+def gathered_read_cost(threads: int, sparsity: float, repeats: int = 5) -> float:
+    """Time per byte reading the active rows of a matrix larger than the caches, over time per
+    byte streaming all of its rows (actsparse-bench-kernels, no arithmetic): 1 where gathering
+    costs nothing extra."""
+    cmd = [str(engine.binary("actsparse-bench-kernels")), "--json", "--types", "q8_0", "-t", str(threads),
+           "-s", f"{min(max(sparsity, 0.0), 0.95):.3f}", "-r", str(repeats)]  # fmt: skip
+    out, _ = _run(cmd)
+    row = json.loads(out)["types"][0]
+    return row["read_all_gbs"] / row["read_active_gbs"]
 
 
 def _run(cmd: list[str]) -> tuple[str, float]:
@@ -204,8 +232,12 @@ def run(args: argparse.Namespace) -> int:
     dense_bytes = weight_bytes_per_token(args.model)
     for r in results[1:]:
         r.realized = realized_sparsity(args.model, r.level, args.threads)
-        sparse_bytes = weight_bytes_per_token(args.model, *r.realized.values(), level=r.level)
-        r.ceiling = dense_bytes / sparse_bytes
+        r.streamed_bytes, r.gathered_bytes = weight_bytes_read(
+            args.model, *r.realized.values(), level=r.level
+        )
+        r.ceiling = dense_bytes / (r.streamed_bytes + r.gathered_bytes)
+        r.gathered_read_cost = gathered_read_cost(args.threads, r.realized["ffn"])
+        r.memory_bound = dense_bytes / (r.streamed_bytes + r.gathered_bytes * r.gathered_read_cost)
     report = {
         "model": str(args.model),
         "machine": machine_info(),
@@ -214,11 +246,12 @@ def run(args: argparse.Namespace) -> int:
         "levels": [],
     }  # fmt: skip
     dense = results[0]
-    print(f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'prefill t/s':>12} "
-          f"{'x dense':>8} {'peak MB':>8}")  # fmt: skip
+    print(f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'mem bound':>10} "
+          f"{'of bound':>9} {'prefill t/s':>12} {'x dense':>8} {'peak MB':>8}")  # fmt: skip
     for r in results:
         ratio, pratio = r.ratios(dense)
         print(f"{r.level:6g} {r.decode_median:11.2f} {ratio:8.3f} {r.ceiling:8.3f} {ratio / r.ceiling:6.0%} "
+              f"{r.memory_bound:10.3f} {ratio / r.memory_bound:9.0%} "
               f"{r.prefill_median:12.2f} {pratio:8.3f} {r.peak_rss_mb:8.0f}")  # fmt: skip
         entry = asdict(r) | {
             "decode_median": r.decode_median,
@@ -226,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_ratio": ratio,
             "prefill_ratio": pratio,
             "efficiency": ratio / r.ceiling,
+            "of_memory_bound": ratio / r.memory_bound,
         }
         report["levels"].append(entry)
     if args.json:
@@ -246,6 +280,9 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(levels, [e["decode_ratio"] for e in report["levels"]], "o-", label="decode, measured")
     ax.plot(levels, [e["ceiling"] for e in report["levels"]], "s--", label="bytes-per-token ceiling")
+    ax.plot(
+        levels, [e["memory_bound"] for e in report["levels"]], "d-.", label="memory bound (gathered reads)"
+    )
     ax.plot(levels, [e["prefill_ratio"] for e in report["levels"]], "^:", label="prefill, measured")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("sparsity level")

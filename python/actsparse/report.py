@@ -243,17 +243,17 @@ def _dense(report: dict) -> dict:
 
 def bench_table(bench: dict) -> str:
     rows = [
-        "| level | realized FFN / q / o | decode t/s | × dense | ceiling | efficiency | prefill t/s "
-        "| × dense "
-        "| peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| level | realized FFN / q / o | decode t/s | × dense | ceiling | efficiency | memory bound "
+        "| prefill t/s | × dense | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in bench["levels"]:
         s = e.get("realized") or {}
         real = " / ".join(f"{s[k]:.2f}" for k in ("ffn", "attn_q_in", "attn_o_in")) if s else "–"
+        bound = f"{e['memory_bound']:.3f} ({e['of_memory_bound']:.0%})" if "memory_bound" in e else "–"
         rows.append(
             f"| {e['level']:g} | {real} | {e['decode_median']:.2f} | {e['decode_ratio']:.3f} "
-            f"| {e['ceiling']:.3f} | {e['efficiency']:.0%} | {e['prefill_median']:.2f} "
+            f"| {e['ceiling']:.3f} | {e['efficiency']:.0%} | {bound} | {e['prefill_median']:.2f} "
             f"| {e['prefill_ratio']:.3f} | {e['peak_rss_mb']:.0f} |"
         )
     return "\n".join(rows)
@@ -335,9 +335,13 @@ def discussion(result: dict) -> list[str]:
             continue
         lines.append(
             f"- Decode at {e['level']:g}: ×{e['decode_ratio']:.2f} over dense against a bytes-per-token "
-            f"ceiling of ×{e['ceiling']:.2f} ({e['efficiency']:.0%} of it; target 85%); "
-            f"prefill ×{e['prefill_ratio']:.2f} "
-            "(target ≥ 0.97)."
+            f"ceiling of ×{e['ceiling']:.2f} ({e['efficiency']:.0%} of it; target 85%)"
+            + (
+                f" and a memory bound of ×{e['memory_bound']:.2f} ({e['of_memory_bound']:.0%} of it)"
+                if "memory_bound" in e
+                else ""
+            )
+            + f"; prefill ×{e['prefill_ratio']:.2f} (target ≥ 0.97)."
         )
     return lines
 
