@@ -30,6 +30,20 @@ import numpy as np
 
 from . import engine, gguf_io
 from .gguf_io import GGUFError
+from .options import command
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: Path
+    levels: str | None = None  # comma-separated; default: every level of the file
+    threads: int = 2
+    repeats: int = 3
+    n_prompt: int = 512  # 0: no prefill measurement
+    n_gen: int = 32
+    json: Path | None = None
+    png: Path | None = None
+    quiet: bool = False
 
 
 @dataclass
@@ -51,7 +65,7 @@ class LevelResult:
 
     @property
     def prefill_median(self) -> float:
-        return statistics.median(self.prefill_tps)
+        return statistics.median(self.prefill_tps) if self.prefill_tps else float("nan")
 
     def ratios(self, dense: LevelResult) -> tuple[float, float]:
         """Decode and prefill speed over dense: the median of the per-repeat ratios. Each repeat
@@ -59,6 +73,8 @@ class LevelResult:
         between repeats, which a ratio of medians would not."""
 
         def median_ratio(ours: list[float], theirs: list[float]) -> float:
+            if not ours:
+                return float("nan")
             return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
         return median_ratio(self.decode_tps, dense.decode_tps), median_ratio(
@@ -140,12 +156,13 @@ def _run(cmd: list[str]) -> tuple[str, float]:
 
 def llama_bench(
     model: Path, level: float, threads: int, n_prompt: int, n_gen: int
-) -> tuple[float, float, float]:
+) -> tuple[float, float | None, float]:
+    """(decode t/s, prefill t/s or None when n_prompt is 0, peak RSS MB) of one llama-bench run."""
     cmd = [str(engine.binary("llama-bench")), "-m", str(model), "-t", str(threads), "--sparse", f"{level:g}",
            "-p", str(n_prompt), "-n", str(n_gen), "-r", "1", "-o", "json"]  # fmt: skip
     out, rss = _run(cmd)
     rows = json.loads(out)
-    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    prefill = next((r["avg_ts"] for r in rows if r["n_prompt"] > 0), None)
     decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
     return decode, prefill, rss
 
@@ -193,80 +210,117 @@ def machine_info(measure_bandwidth: bool = True) -> dict[str, Any]:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="dense against sparse decode/prefill speed, next to the ceiling")
+    add_arguments(p)
+    p.set_defaults(func=command(BenchOptions, run))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="a GGUF written by convert_with_thresholds.py")
     p.add_argument("--levels", default=None, help="comma-separated levels (default: all of the file's)")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument(
+        "-p", "--n-prompt", type=int, default=512, help="prefill tokens (default 512; 0: decode only)"
+    )
     p.add_argument("-n", "--n-gen", type=int, default=32, help="decode tokens (default 32)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--png", type=Path, help="plot decode speed-up against the ceiling")
-    p.set_defaults(func=run)
+    p.add_argument("-q", "--quiet", action="store_true", help="no line per llama-bench run")
 
 
-def run(args: argparse.Namespace) -> int:
+def bench_levels(options: BenchOptions) -> list[float]:
+    """The levels to measure, checked against the file's; ValueError/GGUFError name the problem."""
     from .sparsity_info import read_sparsity_info
 
+    info = read_sparsity_info(options.model)
+    if options.repeats < 1 or options.threads < 1 or options.n_gen < 1 or options.n_prompt < 0:
+        raise ValueError("--repeats, --threads and -n must be positive, -p 0 or more")
+    if options.levels is None:
+        return [round(v, 6) for v in info.levels]
     try:
-        info = read_sparsity_info(args.model)
-        levels = (
-            [round(v, 6) for v in info.levels]
-            if args.levels is None
-            else [float(x) for x in args.levels.split(",")]
-        )
-    except (GGUFError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        levels = [float(x) for x in options.levels.split(",")]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated numbers, got {options.levels!r}") from None
     unknown = [v for v in levels if not any(abs(v - x) < 1e-4 for x in info.levels)]
     if unknown:
-        print(f"error: levels {unknown} are not in the file; available: {info.levels}", file=sys.stderr)
-        return 2
+        raise ValueError(f"levels {unknown} are not in the file; available: {info.levels}")
+    return levels
+
+
+def measure(options: BenchOptions) -> dict[str, Any]:
+    """Dense and each level, interleaved; the report `actsparse bench` prints and writes."""
+    levels = bench_levels(options)
+    model, threads = options.model, options.threads
     results = [LevelResult(0.0)] + [LevelResult(v) for v in levels]
-    for _ in range(args.repeats):
+    for _ in range(options.repeats):
         for r in results:
-            decode, prefill, rss = llama_bench(args.model, r.level, args.threads, args.n_prompt, args.n_gen)
+            decode, prefill, rss = llama_bench(model, r.level, threads, options.n_prompt, options.n_gen)
             r.decode_tps.append(decode)
-            r.prefill_tps.append(prefill)
+            if prefill is not None:
+                r.prefill_tps.append(prefill)
             r.peak_rss_mb = max(r.peak_rss_mb, rss)
-            print(f"level {r.level:g}: decode {decode:.2f} t/s, prefill {prefill:.2f} t/s", file=sys.stderr)
-    dense_bytes = weight_bytes_per_token(args.model)
+            if not options.quiet:
+                pre = "" if prefill is None else f", prefill {prefill:.2f} t/s"
+                print(f"level {r.level:g}: decode {decode:.2f} t/s{pre}", file=sys.stderr)
+    dense_bytes = weight_bytes_per_token(model)
     for r in results[1:]:
-        r.realized = realized_sparsity(args.model, r.level, args.threads)
-        r.streamed_bytes, r.gathered_bytes = weight_bytes_read(
-            args.model, *r.realized.values(), level=r.level
-        )
+        r.realized = realized_sparsity(model, r.level, threads)
+        r.streamed_bytes, r.gathered_bytes = weight_bytes_read(model, *r.realized.values(), level=r.level)
         r.ceiling = dense_bytes / (r.streamed_bytes + r.gathered_bytes)
-        r.gathered_read_cost = gathered_read_cost(args.threads, r.realized["ffn"])
+        r.gathered_read_cost = gathered_read_cost(threads, r.realized["ffn"])
         r.memory_bound = dense_bytes / (r.streamed_bytes + r.gathered_bytes * r.gathered_read_cost)
-    report = {
-        "model": str(args.model),
+    report: dict[str, Any] = {
+        "model": str(model),
         "machine": machine_info(),
-        "threads": args.threads, "repeats": args.repeats, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+        "threads": threads, "repeats": options.repeats, "n_prompt": options.n_prompt, "n_gen": options.n_gen,
         "dense_weight_bytes_per_token": dense_bytes,
         "levels": [],
     }  # fmt: skip
     dense = results[0]
-    print(f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'mem bound':>10} "
-          f"{'of bound':>9} {'prefill t/s':>12} {'x dense':>8} {'peak MB':>8}")  # fmt: skip
     for r in results:
         ratio, pratio = r.ratios(dense)
-        print(f"{r.level:6g} {r.decode_median:11.2f} {ratio:8.3f} {r.ceiling:8.3f} {ratio / r.ceiling:6.0%} "
-              f"{r.memory_bound:10.3f} {ratio / r.memory_bound:9.0%} "
-              f"{r.prefill_median:12.2f} {pratio:8.3f} {r.peak_rss_mb:8.0f}")  # fmt: skip
-        entry = asdict(r) | {
-            "decode_median": r.decode_median,
-            "prefill_median": r.prefill_median,
-            "decode_ratio": ratio,
-            "prefill_ratio": pratio,
-            "efficiency": ratio / r.ceiling,
-            "of_memory_bound": ratio / r.memory_bound,
-        }
-        report["levels"].append(entry)
-    if args.json:
-        with gguf_io.atomic_output(args.json) as tmp:
+        report["levels"].append(
+            asdict(r) | {
+                "decode_median": r.decode_median,
+                "prefill_median": r.prefill_median if r.prefill_tps else None,
+                "decode_ratio": ratio,
+                "prefill_ratio": pratio if r.prefill_tps else None,
+                "efficiency": ratio / r.ceiling,
+                "of_memory_bound": ratio / r.memory_bound,
+            }
+        )  # fmt: skip
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'mem bound':>10} "
+             f"{'of bound':>9} {'prefill t/s':>12} {'x dense':>8} {'peak MB':>8}"]  # fmt: skip
+    for e in report["levels"]:
+        prefill = "-" if e["prefill_median"] is None else f"{e['prefill_median']:.2f}"
+        pratio = "-" if e["prefill_ratio"] is None else f"{e['prefill_ratio']:.3f}"
+        lines.append(
+            f"{e['level']:6g} {e['decode_median']:11.2f} {e['decode_ratio']:8.3f} {e['ceiling']:8.3f} "
+            f"{e['efficiency']:6.0%} {e['memory_bound']:10.3f} {e['of_memory_bound']:9.0%} "
+            f"{prefill:>12} {pratio:>8} {e['peak_rss_mb']:8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def run(options: BenchOptions) -> int:
+    try:
+        report = measure(options)
+    except (GGUFError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, engine.EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(table(report))
+    if options.json:
+        with gguf_io.atomic_output(options.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
-    if args.png:
-        plot(report, args.png)
+    if options.png:
+        plot(report, options.png)
     return 0
 
 
@@ -283,7 +337,8 @@ def plot(report: dict, path: Path) -> None:
     ax.plot(
         levels, [e["memory_bound"] for e in report["levels"]], "d-.", label="memory bound (gathered reads)"
     )
-    ax.plot(levels, [e["prefill_ratio"] for e in report["levels"]], "^:", label="prefill, measured")
+    if all(e["prefill_ratio"] is not None for e in report["levels"]):
+        ax.plot(levels, [e["prefill_ratio"] for e in report["levels"]], "^:", label="prefill, measured")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("sparsity level")
     ax.set_ylabel("speed relative to dense")

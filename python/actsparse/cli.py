@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__, convert, sparsity_info
+from .options import command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="calibrate thresholds and write a sparse GGUF")
     convert.add_arguments(c)
-    c.set_defaults(func=convert.run)
+    c.set_defaults(func=command(convert.ConvertOptions, convert.run))
 
     sparsity_info.add_cli(sub)
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import __version__, calibration, gguf_io, thresholds, transpose
 from .gguf_io import GGUFError, ModelInfo, NewTensor
+from .options import from_args
 
 DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7"
 DEFAULT_LEVEL = 0.5
@@ -33,6 +34,28 @@ DEFAULT_TRANSPOSED_TYPE = "q8_0"
 
 class UsageError(ValueError):
     """Bad arguments or input; reported as one line with exit code 2."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every option of a conversion (the converter's command line, one field per option)."""
+
+    model: Path
+    output: Path | None = None  # default: MODEL.sparse.gguf beside the input
+    sparsity: str = DEFAULT_LEVELS
+    default_level: float | None = None
+    method: str = "chess"
+    attn: bool = True
+    calib_file: Path | None = None
+    calib_tokens: int = DEFAULT_TOKENS
+    refine_tokens: int | None = None  # default: min(calib_tokens, DEFAULT_REFINE_TOKENS)
+    window: int = DEFAULT_WINDOW
+    transposed_type: str = DEFAULT_TRANSPOSED_TYPE
+    save_stats: Path | None = None
+    load_stats: Path | None = None
+    threads: int = 2
+    force: bool = False
+    quiet: bool = False
 
 
 @dataclass
@@ -62,7 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method", choices=("chess", "cats"), default="chess", help="threshold method (default chess)"
     )
-    p.add_argument("--no-attn", action="store_true", help="no selective attention thresholds (FFN only)")
+    p.add_argument(
+        "--no-attn", dest="attn", action="store_false", help="no selective attention thresholds (FFN only)"
+    )
     p.add_argument("--calib-file", type=Path, help="calibration text file (default: the project's corpus)")
     p.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_TOKENS,
@@ -189,7 +214,7 @@ def sparse_aware_thresholds(
     levels: list[float],
     method: str,
     attn: bool,
-    args: argparse.Namespace,
+    options: ConvertOptions,
     tokens: int,
 ) -> dict[str, np.ndarray]:
     """Each level's thresholds re-taken from statistics of the runtime at that level.
@@ -203,9 +228,10 @@ def sparse_aware_thresholds(
     rows: dict[str, list[np.ndarray]] = {}
     for level in levels:
         stats = calibration.collect(
-            model, text, tokens=tokens, window=args.window, threads=args.threads, chess=method == "chess",
-            sparse=level, mean_abs_up_from=dense_stats if method == "chess" else None,
-            progress=not args.quiet, desc=f"sparse-aware {level:g}",
+            model, text, tokens=tokens, window=options.window, threads=options.threads,
+            chess=method == "chess", sparse=level,
+            mean_abs_up_from=dense_stats if method == "chess" else None,
+            progress=not options.quiet, desc=f"sparse-aware {level:g}",
         )  # fmt: skip
         for t in threshold_tensors(info, stats, [level], method, attn):
             rows.setdefault(t.name, []).append(t.make()[0])
@@ -244,125 +270,145 @@ def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTens
     return out
 
 
-def convert(args: argparse.Namespace) -> Path:
+@dataclass(frozen=True)
+class Plan:
+    """Options checked against the input: what the stages do."""
+
+    options: ConvertOptions
+    info: ModelInfo
+    out: Path
+    levels: list[float]
+    default_level: float
+    refine_tokens: int
+
+
+def plan(options: ConvertOptions) -> Plan:
     try:
-        levels = thresholds.parse_levels(args.sparsity)
+        levels = thresholds.parse_levels(options.sparsity)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    default_level = choose_default_level(levels, args.default_level)
-    if args.calib_tokens < 1 or args.window < 2 or args.threads < 1:
+    default_level = choose_default_level(levels, options.default_level)
+    if options.calib_tokens < 1 or options.window < 2 or options.threads < 1:
         raise UsageError("--calib-tokens, --window and --threads must be positive")
-    model: Path = args.model
-    reader = gguf_io.open_gguf(model)
-    info = gguf_io.describe_model(reader, model)
-    if info.has_sparsity and not args.force:
-        raise UsageError(f"{model} already carries actsparse thresholds; pass --force to re-calibrate it")
-    out: Path = args.output or default_output(model)
-    check_output(model, out)
-
-    refine_tokens = args.refine_tokens
+    if options.method not in ("chess", "cats"):
+        raise UsageError(f"unknown method {options.method!r}; choose chess or cats")
+    if options.transposed_type not in transpose.TRANSPOSED_TYPE_CHOICES:
+        raise UsageError(f"unknown transposed type {options.transposed_type!r}")
+    info = gguf_io.describe_model(gguf_io.open_gguf(options.model), options.model)
+    if info.has_sparsity and not options.force:
+        raise UsageError(
+            f"{options.model} already carries actsparse thresholds; pass --force to re-calibrate it"
+        )
+    out = options.output or default_output(options.model)
+    check_output(options.model, out)
+    refine_tokens = options.refine_tokens
     if refine_tokens is None:
-        refine_tokens = min(args.calib_tokens, DEFAULT_REFINE_TOKENS)
+        refine_tokens = min(options.calib_tokens, DEFAULT_REFINE_TOKENS)
     if refine_tokens < 0:
         raise UsageError("--refine-tokens must be 0 or more")
-    with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
-        return _convert(args, model, reader, info, out, levels, default_level, refine_tokens, Path(tmp))
+    return Plan(options, info, out, levels, default_level, refine_tokens)
 
 
-def _convert(
-    args: argparse.Namespace,
-    model: Path,
-    reader: GGUFReader,
-    info: ModelInfo,
-    out: Path,
-    levels: list[float],
-    default_level: float,
-    refine_tokens: int,
-    tmp: Path,
-) -> Path:
-    attn = not args.no_attn
-    t0 = time.perf_counter()
-    load_stats: Path | None = getattr(args, "load_stats", None)
-    if load_stats is not None:
-        stats = loaded_stats(load_stats, info, args.method)
-        calib = CalibText(stats.source or load_stats.name, "", stats.source_sha256)
-        stats_file = load_stats
+def statistics_stage(p: Plan, tmp: Path) -> tuple[calibration.CalibrationStats, CalibText, Path]:
+    """Stage 1: the dense calibration statistics (or the saved ones), the text they came from and
+    the statistics file the sparse-aware pass reads E|u_i| from."""
+    o = p.options
+    if o.load_stats is not None:
+        stats = loaded_stats(o.load_stats, p.info, o.method)
+        calib = CalibText(stats.source or o.load_stats.name, "", stats.source_sha256)
+        stats_file = o.load_stats
     else:
-        calib = load_calibration_text(args.calib_file)
+        calib = load_calibration_text(o.calib_file)
         stats_file = tmp / "stats.gguf"
         stats = calibration.collect(
-            model, calib.text, save_to=stats_file, tokens=args.calib_tokens,
-            window=args.window, threads=args.threads, chess=args.method == "chess",
-            source=(calib.name, calib.sha256), progress=not args.quiet,
+            o.model, calib.text, save_to=stats_file, tokens=o.calib_tokens, window=o.window,
+            threads=o.threads, chess=o.method == "chess", source=(calib.name, calib.sha256),
+            progress=not o.quiet,
         )  # fmt: skip
-        save_stats: Path | None = getattr(args, "save_stats", None)
-        if save_stats is not None:
-            with gguf_io.atomic_output(save_stats) as dest:
+        if o.save_stats is not None:
+            with gguf_io.atomic_output(o.save_stats) as dest:
                 shutil.copyfile(stats_file, dest)
-    t_calib = time.perf_counter() - t0
-    if stats.activation != info.activation:
-        raise RuntimeError(f"collector used {stats.activation}, the architecture needs {info.activation}")
+    if stats.activation != p.info.activation:
+        raise RuntimeError(f"collector used {stats.activation}, the architecture needs {p.info.activation}")
+    return stats, calib, stats_file
 
-    new = threshold_tensors(info, stats, levels, args.method, attn)
-    refine_text = calib.text if load_stats is None else load_calibration_text(args.calib_file).text
 
-    def refine(path: Path) -> None:
-        if refine_tokens > 0:
-            overwrite_thresholds(
-                path,
-                sparse_aware_thresholds(
-                    path, info, refine_text, stats_file, levels, args.method, attn, args, refine_tokens
-                ),
-            )
-
-    new += transposed_tensors(info, attn, args.transposed_type)
-    kv: dict[str, tuple[object, GGUFValueType]] = {
+def metadata(
+    p: Plan, stats: calibration.CalibrationStats, calib: CalibText
+) -> dict[str, tuple[object, GGUFValueType]]:
+    o = p.options
+    return {
         "actsparse.format_version": (gguf_io.FORMAT_VERSION, GGUFValueType.UINT32),
-        "actsparse.method": (args.method, GGUFValueType.STRING),
-        "actsparse.levels": (levels, GGUFValueType.ARRAY),
-        "actsparse.default_level": (default_level, GGUFValueType.FLOAT32),
-        "actsparse.attn": (attn, GGUFValueType.BOOL),
-        "actsparse.activation": (info.activation, GGUFValueType.STRING),
+        "actsparse.method": (o.method, GGUFValueType.STRING),
+        "actsparse.levels": (p.levels, GGUFValueType.ARRAY),
+        "actsparse.default_level": (p.default_level, GGUFValueType.FLOAT32),
+        "actsparse.attn": (o.attn, GGUFValueType.BOOL),
+        "actsparse.activation": (p.info.activation, GGUFValueType.STRING),
         "actsparse.up_statistic": ("mean_abs", GGUFValueType.STRING),
-        "actsparse.transposed_type": (args.transposed_type, GGUFValueType.STRING),
+        "actsparse.transposed_type": (o.transposed_type, GGUFValueType.STRING),
         "actsparse.calibration.source": (calib.name, GGUFValueType.STRING),
         "actsparse.calibration.sha256": (calib.sha256, GGUFValueType.STRING),
         "actsparse.calibration.tokens": (stats.tokens, GGUFValueType.UINT64),
         "actsparse.calibration.window": (stats.window, GGUFValueType.UINT32),
-        "actsparse.calibration.sparse_aware_tokens": (refine_tokens, GGUFValueType.UINT64),
+        "actsparse.calibration.sparse_aware_tokens": (p.refine_tokens, GGUFValueType.UINT64),
         "actsparse.tool": (f"actsparse {__version__}", GGUFValueType.STRING),
     }
-    total = sum(t.n_bytes for t in reader.tensors) + sum(t.nbytes for t in new)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=args.quiet) as bar:
-        gguf_io.write_model(
-            reader, info.arch, out, kv, new,
-            drop=lambda name: name.startswith(gguf_io.KEY_PREFIX) or gguf_io.is_sparsity_tensor(name),
-            progress=bar.update, finish=refine,
-        )  # fmt: skip
+
+
+def convert(options: ConvertOptions) -> Path:
+    """Statistics, thresholds, the file written to a temporary path, the sparse-aware pass on it,
+    then the rename: the output appears complete or not at all."""
+    p = plan(options)
+    o = p.options
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
+        stats, calib, stats_file = statistics_stage(p, Path(tmp))
+        t_calib = time.perf_counter() - t0
+        new = threshold_tensors(p.info, stats, p.levels, o.method, o.attn)
+        new += transposed_tensors(p.info, o.attn, o.transposed_type)
+        reader = p.info.reader
+        total = sum(t.n_bytes for t in reader.tensors) + sum(t.nbytes for t in new)
+        with gguf_io.atomic_output(p.out) as written:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=o.quiet) as bar:
+                gguf_io.write_gguf(
+                    reader, p.info.arch, written, metadata(p, stats, calib), new,
+                    drop=lambda name: name.startswith(gguf_io.KEY_PREFIX) or gguf_io.is_sparsity_tensor(name),
+                    progress=bar.update,
+                )  # fmt: skip
+            if p.refine_tokens > 0:
+                text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
+                refined = sparse_aware_thresholds(
+                    written, p.info, text, stats_file, p.levels, o.method, o.attn, o, p.refine_tokens
+                )
+                overwrite_thresholds(written, refined)
     t_total = time.perf_counter() - t0
-    n_pass = 2 if args.method == "chess" else 1
-    if not args.quiet and load_stats is None:
+    n_pass = 2 if o.method == "chess" else 1
+    if not o.quiet and o.load_stats is None:
         print(
             f"calibration: {stats.tokens} tokens x {n_pass} passes in {t_calib:.1f} s "
             f"({stats.tokens * n_pass / t_calib:.0f} tok/s); total {t_total:.1f} s",
             file=sys.stderr,
         )
-    return out
+    return p.out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(prog: str = "convert_with_thresholds.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert_with_thresholds.py",
+        prog=prog,
         description="Calibrate CHESS/CATS activation-sparsity thresholds on a GGUF model and write a "
         "new GGUF that carries them (docs/gguf-format.md).",
     )
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    return run(from_args(ConvertOptions, build_parser().parse_args(argv)))
+
+
+def run(options: ConvertOptions) -> int:
     try:
-        out = convert(args)
+        out = convert(options)
     except (UsageError, GGUFError, calibration.CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

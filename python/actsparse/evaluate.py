@@ -30,16 +30,37 @@ from typing import Any
 
 from . import __version__, engine, gguf_io
 from .gguf_io import GGUFError, field_value
+from .options import command, command_line
 
 DEFAULT_CTX = 512
 DEFAULT_CHUNKS = 16
 HELDOUT_CHARS = 2_000_000  # more than any chunk count asks for; llama-perplexity takes what it needs
+
+# The yardstick a sparsity setting is judged by: llama.cpp's own KL-divergence table for its
+# quantizations of Llama-3-8B (METHODS.md §6), mean KLD / same top token.
+LLAMA_CPP_QUANT_KLD = {"q8_0": (0.0014, 0.977), "q6_K": (0.0055, 0.960), "q4_K_M": (0.031, 0.919)}
+Q4_K_M_KLD = LLAMA_CPP_QUANT_KLD["q4_K_M"][0]
 
 _FLOAT = r"([-+]?[\d.]+(?:e[-+]?\d+)?|nan|inf)"
 
 
 class EvalError(RuntimeError):
     """A measurement could not be made; the message is one line."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    models: list[Path]
+    levels: str | None = None  # comma-separated; default: every level of each file
+    tasks: str = "all"  # comma-separated names, "all" or "none"
+    limit: int | None = None  # questions per task
+    ctx: int = DEFAULT_CTX
+    chunks: int = DEFAULT_CHUNKS  # 0 skips the text metrics
+    threads: int = 2
+    dense_only: bool = False
+    json: Path | None = None
+    markdown: Path | None = None
+    png: Path | None = None
 
 
 @dataclass
@@ -222,6 +243,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="perplexity, KL divergence and zero-shot tasks: dense against each sparsity level",
         description=__doc__.split("\n\n")[0],
     )
+    add_arguments(p)
+    p.set_defaults(func=command(EvalOptions, run))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "models",
         type=Path,
@@ -251,7 +277,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.add_argument("--markdown", type=Path, help="write the tables as Markdown")
     p.add_argument("--png", type=Path, help="plot quality against sparsity, one curve per method")
-    p.set_defaults(func=run)
 
 
 def _parse_tasks(spec: str) -> list[str]:
@@ -284,7 +309,7 @@ def _levels_text(levels: list[float]) -> str:
     return ", ".join(f"{v:g}" for v in levels)
 
 
-def _plan(args: argparse.Namespace) -> tuple[list[SparseModel], dict[Path, list[float]]]:
+def _plan(args: EvalOptions) -> tuple[list[SparseModel], dict[Path, list[float]]]:
     if args.dense_only:
         gguf_io.open_gguf(args.models[0])
         return [], {}
@@ -305,26 +330,41 @@ def _plan(args: argparse.Namespace) -> tuple[list[SparseModel], dict[Path, list[
     return models, plan
 
 
-def run(args: argparse.Namespace) -> int:
-    from .benchmark import machine_info
-    from .data import heldout_corpus
-
+def run(options: EvalOptions) -> int:
     try:
-        tasks = _parse_tasks(args.tasks)
-        models, plan = _plan(args)
-        if args.limit is not None and args.limit <= 0:
-            raise ValueError("--limit must be positive")
-        if args.chunks < 0 or args.ctx < 16:
-            raise ValueError("--chunks must be >= 0 and --ctx >= 16")
-        heldout = heldout_corpus()
-        for m in models:
-            if m.calibration_sha256 == heldout.sha256:
-                raise ValueError(
-                    f"{m.path.name} was calibrated on the held-out text; calibrate on other text"
-                )
+        report = measure(options)
     except (GGUFError, ValueError, engine.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(markdown_tables(report))
+    if options.json:
+        write_text_atomic(options.json, json.dumps(report, indent=2) + "\n")
+    if options.markdown:
+        write_text_atomic(options.markdown, markdown_tables(report))
+    if options.png:
+        plot(report, options.png)
+    return 0
+
+
+def measure(args: EvalOptions) -> dict[str, Any]:
+    """The dense model and each file at each level: the report `actsparse eval` prints and writes.
+    Bad input raises GGUFError or ValueError before anything runs; a failed measurement EvalError."""
+    from .benchmark import machine_info
+    from .data import heldout_corpus
+
+    tasks = _parse_tasks(args.tasks)
+    models, plan = _plan(args)
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError("--limit must be positive")
+    if args.chunks < 0 or args.ctx < 16:
+        raise ValueError("--chunks must be >= 0 and --ctx >= 16")
+    heldout = heldout_corpus()
+    for m in models:
+        if m.calibration_sha256 == heldout.sha256:
+            raise ValueError(f"{m.path.name} was calibrated on the held-out text; calibrate on other text")
 
     dense_model = args.models[0]
     runs = [Run("dense", str(dense_model), 0.0)]
@@ -332,34 +372,23 @@ def run(args: argparse.Namespace) -> int:
         runs += [Run(m.label, str(m.path), level) for level in plan[m.path]]
     report: dict[str, Any] = {
         "tool": f"actsparse {__version__}",
-        "command": "actsparse eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
+        "command": command_line("actsparse eval", add_arguments, args),
         "machine": machine_info(measure_bandwidth=False),
         "threads": args.threads,
         "heldout": {"corpus": heldout.name, "sha256": heldout.sha256, "ctx": args.ctx, "chunks": args.chunks},
         "tasks": {"names": tasks, "limit": args.limit, "variant": "rc_0shot"},
     }
-    try:
-        with tempfile.TemporaryDirectory(prefix="actsparse-eval-") as tmp:
-            if args.chunks > 0:
-                _measure_text(runs, Path(tmp), heldout.text[:HELDOUT_CHARS], args)
-            if tasks:
-                _measure_tasks(runs, models, plan, tasks, args)
-    except (EvalError, engine.EngineError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="actsparse-eval-") as tmp:
+        if args.chunks > 0:
+            _measure_text(runs, Path(tmp), heldout.text[:HELDOUT_CHARS], args)
+        if tasks:
+            _measure_tasks(runs, models, plan, tasks, args)
     report["runs"] = [asdict(r) for r in runs]
     report["summary"] = summarize(report)
-    print(markdown_tables(report))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        write_text_atomic(args.markdown, markdown_tables(report))
-    if args.png:
-        plot(report, args.png)
-    return 0
+    return report
 
 
-def _measure_text(runs: list[Run], tmp: Path, text: str, args: argparse.Namespace) -> None:
+def _measure_text(runs: list[Run], tmp: Path, text: str, args: EvalOptions) -> None:
     from tqdm import tqdm
 
     text_file, base_file = tmp / "heldout.txt", tmp / "dense.kld"
@@ -384,7 +413,7 @@ def _measure_tasks(
     models: list[SparseModel],
     plan: dict[Path, list[float]],
     tasks: list[str],
-    args: argparse.Namespace,
+    args: EvalOptions,
 ) -> None:
     dense_model = Path(runs[0].model)
     jobs = {dense_model: [0.0]}

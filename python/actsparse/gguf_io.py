@@ -202,44 +202,52 @@ def write_model(
     new_kv: dict[str, tuple[Any, GGUFValueType]],
     new_tensors: Iterable[NewTensor],
     drop: Callable[[str], bool] = lambda name: False,
-    progress: Callable[[int], None] | None = None,
-    finish: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write reader's model plus new keys and tensors to out_path (atomically, streaming).
-
-    ``finish`` gets the complete temporary file before it is renamed into place."""
-    new_tensors = list(new_tensors)
+    """write_gguf to out_path through a temporary file renamed into place when complete."""
     with atomic_output(out_path) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        _copy_kv(reader, writer, skip=lambda k: drop(k) or k in new_kv)
-        for key, (value, vtype) in new_kv.items():
-            sub = None
-            if vtype == GGUFValueType.ARRAY:
-                sub = GGUFValueType.FLOAT32
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        kept = [t for t in reader.tensors if not drop(t.name)]
-        for t in kept:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
-        for nt in new_tensors:
-            byte_shape = (*reversed(nt.ggml_shape[1:]), nt.nbytes // max(1, _rows(nt.ggml_shape)))
-            writer.add_tensor_info(nt.name, byte_shape, np.dtype(np.uint8), nt.nbytes, raw_dtype=nt.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in kept:
-            writer.write_tensor_data(t.data)
-            if progress:
-                progress(t.n_bytes)
-        for nt in new_tensors:
-            data = np.ascontiguousarray(nt.make())
-            if data.nbytes != nt.nbytes:
-                raise RuntimeError(f"{nt.name}: produced {data.nbytes} bytes, expected {nt.nbytes}")
-            writer.write_tensor_data(data.view(np.uint8).reshape(-1))
-            if progress:
-                progress(nt.nbytes)
-        writer.close()
-        if finish is not None:
-            finish(tmp)
+        write_gguf(reader, arch, tmp, new_kv, new_tensors, drop)
+
+
+def write_gguf(
+    reader: GGUFReader,
+    arch: str,
+    path: Path,
+    new_kv: dict[str, tuple[Any, GGUFValueType]],
+    new_tensors: Iterable[NewTensor],
+    drop: Callable[[str], bool] = lambda name: False,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write reader's model without the tensors and keys `drop` names, plus new keys and tensors,
+    to path, streaming (each new tensor is made only when it is written)."""
+    new_tensors = list(new_tensors)
+    writer = GGUFWriter(path, arch)
+    _copy_kv(reader, writer, skip=lambda k: drop(k) or k in new_kv)
+    for key, (value, vtype) in new_kv.items():
+        sub = None
+        if vtype == GGUFValueType.ARRAY:
+            sub = GGUFValueType.FLOAT32
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    kept = [t for t in reader.tensors if not drop(t.name)]
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, raw_dtype=t.tensor_type)
+    for nt in new_tensors:
+        byte_shape = (*reversed(nt.ggml_shape[1:]), nt.nbytes // max(1, _rows(nt.ggml_shape)))
+        writer.add_tensor_info(nt.name, byte_shape, np.dtype(np.uint8), nt.nbytes, raw_dtype=nt.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data)
+        if progress:
+            progress(t.n_bytes)
+    for nt in new_tensors:
+        data = np.ascontiguousarray(nt.make())
+        if data.nbytes != nt.nbytes:
+            raise RuntimeError(f"{nt.name}: produced {data.nbytes} bytes, expected {nt.nbytes}")
+        writer.write_tensor_data(data.view(np.uint8).reshape(-1))
+        if progress:
+            progress(nt.nbytes)
+    writer.close()
 
 
 def _rows(ggml_shape: tuple[int, ...]) -> int:

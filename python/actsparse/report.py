@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import engine
-from .evaluate import markdown_tables, write_text_atomic
+from . import benchmark, convert, engine, evaluate
+from .evaluate import Q4_K_M_KLD, markdown_tables, write_text_atomic
+from .options import command, command_line
 
-# llama.cpp's KL-divergence table for Llama-3-8B (METHODS.md §6): mean KLD / same top token.
-LLAMA_CPP_QUANT_KLD = {"q8_0": (0.0014, 0.977), "q6_K": (0.0055, 0.960), "q4_K_M": (0.031, 0.919)}
-Q4_K_M_KLD = LLAMA_CPP_QUANT_KLD["q4_K_M"][0]
 TARGET_TASK_DROP_POINTS = 1.5
 TARGET_PPL_INCREASE = 0.05
 
@@ -49,12 +46,30 @@ PROFILES = {
 VARIANTS = (("chess", True, "chess-attn"), ("chess", False, "chess"), ("cats", False, "cats"))
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    models: str = ",".join(PROFILES)
+    output: Path = engine.REPO_ROOT / "docs" / "results.md"
+    work_dir: Path | None = None  # converted models; default: the model cache
+    calib_tokens: int | None = None  # overrides every profile's
+    limit: int | None = None
+    chunks: int | None = None
+    threads: int = 2
+    eval_threads: int | None = None  # default: threads
+    reuse_quality: bool = False
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="measure everything and write docs/results.md", description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=command(ReportOptions, run))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models", default=",".join(PROFILES), help=f"comma-separated (default {','.join(PROFILES)})"
     )
-    p.add_argument("-o", "--output", type=Path, default=engine.REPO_ROOT / "docs" / "results.md")
+    p.add_argument("-o", "--output", type=Path, default=ReportOptions.output)
     p.add_argument("--work-dir", type=Path, default=None, help="converted models (default: the model cache)")
     p.add_argument(
         "--calib-tokens", type=int, default=None, help="override every profile's calibration tokens"
@@ -70,87 +85,71 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="take conversions and quality results of an earlier run from docs/results/state-*.json; "
         "measure speed again",
     )  # fmt: skip
-    p.set_defaults(func=run)
 
 
-def _actsparse(args: list[str], log: list[str]) -> None:
-    cmd = [sys.executable, "-m", "actsparse.cli", *args]
-    log.append("actsparse " + shlex.join(args))
-    print(f"== {log[-1]}", file=sys.stderr, flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise RuntimeError(f"command failed: {log[-1]}")
+def _step(log: list[str], line: str, rc: int) -> None:
+    """Log a command as the user would type it; a failed one ends the report."""
+    log.append(line)
+    if rc != 0:
+        raise RuntimeError(f"command failed: {line}")
 
 
-def measure_model(profile: Profile, out_dir: Path, work_dir: Path | None, args: argparse.Namespace) -> dict:
+def _convert(options: convert.ConvertOptions, log: list[str]) -> None:
+    line = command_line("actsparse convert", convert.add_arguments, options)
+    print(f"== {line}", file=sys.stderr, flush=True)
+    _step(log, line, convert.run(options))
+
+
+def _eval(options: evaluate.EvalOptions, log: list[str]) -> None:
+    line = command_line("actsparse eval", evaluate.add_arguments, options)
+    print(f"== {line}", file=sys.stderr, flush=True)
+    _step(log, line, evaluate.run(options))
+
+
+def measure_model(profile: Profile, out_dir: Path, options: ReportOptions) -> dict:
     from . import models
 
     log: list[str] = []
     t_start = time.perf_counter()
     source = models.fetch_model(profile.model)
-    work = work_dir or source.parent
+    work = options.work_dir or source.parent
     stem = source.name.removesuffix(".gguf")
     stats = work / f"{stem}.stats.gguf"
-    calib_tokens = args.calib_tokens or profile.calib_tokens
+    calib_tokens = options.calib_tokens or profile.calib_tokens
     paths, seconds = [], {}
     for method, attn, suffix in VARIANTS:
         path = work / f"{stem}.{suffix}.gguf"
-        conv = [
-            "convert", str(source), "-o", str(path), "--method", method, "--force", "-t", str(args.threads),
-        ]  # fmt: skip
-        conv += [] if attn else ["--no-attn"]
-        conv += (
-            ["--calib-tokens", str(calib_tokens), "--save-stats", str(stats)]
-            if not paths
-            else ["--load-stats", str(stats)]
-        )
+        conv = convert.ConvertOptions(
+            model=source, output=path, method=method, attn=attn, force=True, threads=options.threads,
+            calib_tokens=calib_tokens if not paths else convert.DEFAULT_TOKENS,
+            save_stats=stats if not paths else None, load_stats=stats if paths else None,
+        )  # fmt: skip
         t0 = time.perf_counter()
-        _actsparse(conv, log)
+        _convert(conv, log)
         seconds[f"convert {suffix}"] = time.perf_counter() - t0
         paths.append(path)
 
     name = profile.model
-    limit = args.limit or profile.task_limit
+    limit = options.limit or profile.task_limit
+    chunks = options.chunks or profile.chunks
+    threads = options.eval_threads or options.threads
     text_json, task_json = out_dir / f"eval-text-{name}.json", out_dir / f"eval-tasks-{name}.json"
     png = out_dir / f"quality-{name}.png"
     t0 = time.perf_counter()
-    common = ["-t", str(args.eval_threads or args.threads), "--levels", profile.levels, "--json"]
+    quality = evaluate.EvalOptions(
+        models=paths, levels=profile.levels, chunks=chunks, threads=threads, json=text_json, png=png,
+        limit=limit,
+    )  # fmt: skip
     if profile.task_levels is None:
-        _actsparse(
-            [
-                "eval",
-                *map(str, paths),
-                "--chunks",
-                str(args.chunks or profile.chunks),
-                *common,
-                str(text_json),
-                "--png",
-                str(png),
-            ]
-            + (["--limit", str(limit)] if limit else []),
-            log,
-        )
+        _eval(quality, log)
         task_json = text_json
     else:
-        _actsparse(
-            [
-                "eval",
-                *map(str, paths),
-                "--tasks",
-                "none",
-                "--chunks",
-                str(args.chunks or profile.chunks),
-                *common,
-                str(text_json),
-            ]
-            + ["--png", str(png)],
-            log,
-        )
-        _actsparse(
-            ["eval", str(paths[0]), "--chunks", "0", *common[:2], "--levels", profile.task_levels, "--json"]
-            + [str(task_json)]
-            + (["--limit", str(limit)] if limit else []),
-            log,
-        )
+        _eval(replace(quality, tasks="none", limit=None), log)
+        tasks_only = evaluate.EvalOptions(
+            models=paths[:1], levels=profile.task_levels, chunks=0, threads=threads, json=task_json,
+            limit=limit,
+        )  # fmt: skip
+        _eval(tasks_only, log)
     seconds["eval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
@@ -180,23 +179,25 @@ def load_quality(profile: Profile, out_dir: Path) -> dict:
     }
 
 
-def measure_speed(result: dict, out_dir: Path, args: argparse.Namespace) -> None:
+def measure_speed(result: dict, out_dir: Path, options: ReportOptions) -> None:
     """llama-bench through `actsparse bench`, after every quality run, so nothing else competes."""
     p: Profile = result["profile"]
     bench_json, bench_png = out_dir / f"bench-{p.model}.json", out_dir / f"speed-{p.model}.png"
     t0 = time.perf_counter()
-    _actsparse(
-        ["bench", str(result["sparse_model"]), "--levels", "0.5,0.7", "--repeats", str(p.bench_repeats), "-t",
-         str(args.threads), "--json", str(bench_json), "--png", str(bench_png)],
-        result["commands"],
+    bench = benchmark.BenchOptions(
+        model=result["sparse_model"], levels="0.5,0.7", repeats=p.bench_repeats, threads=options.threads,
+        json=bench_json, png=bench_png,
     )  # fmt: skip
+    line = command_line("actsparse bench", benchmark.add_arguments, bench)
+    print(f"== {line}", file=sys.stderr, flush=True)
+    _step(result["commands"], line, benchmark.run(bench))
     result["seconds"]["bench"] = time.perf_counter() - t0
     result["bench"] = json.loads(bench_json.read_text())
     result["png"].append(bench_png.name)
 
 
-def run(args: argparse.Namespace) -> int:
-    names = [x.strip() for x in args.models.split(",") if x.strip()]
+def run(options: ReportOptions) -> int:
+    names = [x.strip() for x in options.models.split(",") if x.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
         print(
@@ -204,22 +205,22 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    out_dir = args.output.parent / "results"
+    out_dir = options.output.parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         results = [
             load_quality(PROFILES[n], out_dir)
-            if args.reuse_quality and (out_dir / f"state-{n}.json").is_file()
-            else measure_model(PROFILES[n], out_dir, args.work_dir, args)
+            if options.reuse_quality and (out_dir / f"state-{n}.json").is_file()
+            else measure_model(PROFILES[n], out_dir, options)
             for n in names
         ]
         for result in results:
-            measure_speed(result, out_dir, args)
+            measure_speed(result, out_dir, options)
     except (RuntimeError, engine.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    write_text_atomic(args.output, render(results, out_dir.name))
-    print(args.output)
+    write_text_atomic(options.output, render(results, out_dir.name))
+    print(options.output)
     return 0
 
 
