@@ -41,7 +41,7 @@ def test_demo_shows_both_generated_texts(demo_run: tuple[str, dict]) -> None:
 
 def test_demo_reports_both_speeds_and_their_ratio(demo_run: tuple[str, dict]) -> None:
     stdout, report = demo_run
-    m = re.search(r"decode runs at ([\d.]+) t/s against ([\d.]+) t/s dense: x([\d.]+)", stdout)
+    m = re.search(r"decode runs at ([\d.]+) t/s against ([\d.]+) t/s dense: x(\d+\.\d+)", stdout)
     assert m, stdout
     sparse_tps, dense_tps, ratio = map(float, m.groups())
     assert sparse_tps > 0 and dense_tps > 0
