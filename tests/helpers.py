@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,25 @@ def run_converter(*args: object, check: bool = False) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def checked_decode_stats(model: Path, level: float, threads: int, tokens: int) -> dict:
+    """sparse_stats of a generation from Python at `level` with ACTSPARSE_CHECK_DECODE=1 and every
+    product through the decode kernels: each sparse decode product also computed densely from the
+    same masked input, the largest relative difference in stats["decode_check"]."""
+    code = (
+        "import sys, json, actsparse\n"
+        f"llm = actsparse.Llama(sys.argv[1], sparse={level}, n_ctx=256, n_threads={threads}, verbose=False)\n"
+        f"llm('The history of the city', max_tokens={tokens}, temperature=0.0)\n"
+        "print(json.dumps(actsparse.sparse_stats(llm)))\n"
+    )
+    env = {
+        **os.environ, "ACTSPARSE_CHECK_DECODE": "1", "ACTSPARSE_DECODE_KERNELS": "all",
+        "PYTHONPATH": str(REPO / "python"),
+    }  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:

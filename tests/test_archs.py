@@ -6,29 +6,24 @@ norms, rope, attention scaling, GELU for the gemmas) around real weights."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from actsparse import engine
+from actsparse import engine, tool_output
 from actsparse.data import calibration_corpus
-from helpers import REPO, derive_arch, run_cli, run_converter
+from helpers import checked_decode_stats, derive_arch, run_cli, run_converter
 
 ARCHS = ["qwen3", "gemma", "gemma2", "gemma3", "mistral3"]
 LEVEL = 0.6
 
 
-def prefill_table(stderr: str) -> dict[int, list[float]]:
-    """Per-layer rows of --sparse-stats' prefill table: layer -> [ffn, attn_q_in, attn_o_in]."""
-    table = stderr.split("realized sparsity during prefill", 1)[1]
-    rows = {}
-    for m in re.finditer(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s*$", table, re.M):
-        rows[int(m.group(1))] = [float(m.group(i)) for i in (2, 3, 4)]
-    return rows
+def prefill_rows(stats_file: Path) -> dict[int, list[float]]:
+    """Per-layer prefill sparsity of a --sparse-stats-file: layer -> [ffn, attn_q_in, attn_o_in]."""
+    layers = tool_output.sparsity_stats(stats_file, "prefill")["layers"]
+    return {row["layer"]: [row["ffn"], row["attn_q_in"], row["attn_o_in"]] for row in layers}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,30 +45,18 @@ def test_architecture_converts_and_runs_sparse(small_model_path: Path, tmp_path:
     # attention inputs drift more (calibration ran dense; here every earlier layer is sparse).
     proc = subprocess.run(
         [str(engine.binary("llama-perplexity")), "-m", str(out), "-f", str(text), "-c", "256",
-         "-t", "2", "--sparse", str(LEVEL), "--sparse-stats"],
+         "-t", "2", "--sparse", str(LEVEL), "--sparse-stats-file", str(tmp_path / "sparsity.json")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = prefill_table(proc.stderr)
+    rows = prefill_rows(tmp_path / "sparsity.json")
     assert sorted(rows) == list(range(30))
     for layer, (ffn, q_in, o_in) in rows.items():
         assert abs(ffn - LEVEL) <= 0.03, (layer, ffn)
         assert abs(q_in - LEVEL) <= 0.15 and abs(o_in - LEVEL) <= 0.15, (layer, q_in, o_in)
 
     # Decode through the sparse kernels equals the dense product of the same masked inputs.
-    code = (
-        "import sys, json, actsparse\n"
-        f"llm = actsparse.Llama(sys.argv[1], sparse={LEVEL}, n_ctx=256, n_threads=2, verbose=False)\n"
-        "llm('The history of the city', max_tokens=8, temperature=0.0)\n"
-        "print(json.dumps(actsparse.sparse_stats(llm)))\n"
-    )
-    env = {
-        **os.environ, "ACTSPARSE_CHECK_DECODE": "1", "ACTSPARSE_DECODE_KERNELS": "all",
-        "PYTHONPATH": str(REPO / "python"),
-    }  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = checked_decode_stats(out, LEVEL, threads=2, tokens=8)
     assert stats["decode_check"]["products"] >= 30 * 3 * 7
     assert stats["decode_check"]["max_rel_err"] < 1e-4
     assert stats["overall"]["ffn"] > 0.3
@@ -92,3 +75,43 @@ def test_fused_gate_up_is_refused_naming_the_architecture(small_model_path: Path
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "phi3" in lines[0] and "ffn_gate" in lines[0], proc.stderr
     assert not (tmp_path / "out.gguf").exists()
+
+
+def _ggml_gelu(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU as the pinned tree computes it (ggml-cpu/vec.h, GGML_GELU_FP16): the input
+    rounded to fp16 indexes a table of the tanh formula rounded to fp16; |x| >= 10 passes or zeroes."""
+    h = x.astype(np.float16).astype(np.float32)
+    c = np.float32(0.7978845608028654)
+    table = (
+        np.float32(0.5)
+        * h
+        * (np.float32(1) + np.tanh(c * h * (np.float32(1) + np.float32(0.044715) * h * h)))
+    )
+    y = table.astype(np.float16).astype(np.float32)
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, y))
+
+
+def test_calibrator_computes_the_activation_as_the_runtime_does(
+    small_model_path: Path, tmp_path: Path
+) -> None:
+    """On a GELU architecture the calibrator's activations are ggml's GELU of the gate (the op the
+    runtime thresholds: an fp16 table), not the exact tanh formula, which differs from it."""
+    from actsparse import calibration
+
+    src = tmp_path / "gemma.gguf"
+    derive_arch(small_model_path, "gemma", src)
+    stats = calibration.collect(
+        src, calibration_corpus().text[:20000], tokens=128, window=128, threads=2, chess=False,
+        dump_layers=(0, 17), dump_tokens=128, progress=False,
+    )  # fmt: skip
+    assert stats.activation == "gelu"
+    for il in (0, 17):
+        gate, act = stats.layers[il].dumps["ffn_gate"], stats.layers[il].dumps["ffn_act"]
+        assert gate.shape == act.shape == (128, 1536)
+        expected = _ggml_gelu(gate)
+        same = np.mean(act == expected)
+        assert same >= 0.999, same  # tanh's last bit may round an fp16 the other way, rarely
+        np.testing.assert_allclose(act, expected, rtol=2e-3, atol=1e-6)
+        c = 0.7978845608028654
+        exact = 0.5 * gate * (1 + np.tanh(c * gate * (1 + 0.044715 * gate * gate)))
+        assert np.mean(act != exact.astype(np.float32)) > 0.5  # the formula the calibrator used to apply

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from actsparse import calibration, engine, gguf_io, thresholds
+from actsparse import calibration, engine, gguf_io, thresholds, tool_output
 from actsparse.data import heldout_corpus
-from actsparse.evaluate import parse_sparsity_table
 from actsparse.gguf_io import field_value
 from helpers import run_cli, run_converter, sha256_file
 
@@ -133,11 +132,12 @@ def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> N
     for level in LEVELS:
         proc = subprocess.run(
             [str(engine.binary("llama-perplexity")), "-m", str(converted["output"]), "-f", str(text),
-             "-c", "512", "--chunks", "16", "-t", "2", "--sparse", f"{level:g}", "--sparse-stats"],
+             "-c", "512", "--chunks", "16", "-t", "2", "--sparse", f"{level:g}",
+             "--sparse-stats-file", str(tmp_path / "sparsity.json")],
             capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
-        realized = parse_sparsity_table(proc.stderr, "prefill")
+        realized = tool_output.sparsity_stats(tmp_path / "sparsity.json", "prefill")
         assert len(realized["layers"]) == 30
         deviation.append([layer["ffn"] - level for layer in realized["layers"]])
         assert realized["overall"]["ffn"] == pytest.approx(level, abs=0.01)

@@ -62,7 +62,9 @@ def test_demo_reports_quality_in_words_and_realized_sparsity(demo_run: tuple[str
     kld = re.search(r"mean KL divergence ([\d.]+), ([\d.]+)x what llama\.cpp's own q4_K_M", stdout)
     ppl = re.search(r"perplexity ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\)", stdout)
     assert kld and ppl, stdout
-    assert float(kld.group(1)) > 0 and float(kld.group(2)) == pytest.approx(float(kld.group(1)) / 0.031, rel=0.05)
+    assert float(kld.group(1)) > 0 and float(kld.group(2)) == pytest.approx(
+        float(kld.group(1)) / 0.031, rel=0.05
+    )
     before, after, change = map(float, ppl.groups())
     assert change == pytest.approx(100 * (after / before - 1), abs=0.1)
     rows = {row["level"]: row for row in report["levels"]}

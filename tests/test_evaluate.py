@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actsparse.evaluate import parse_sparsity_table, summarize
+from actsparse.evaluate import summarize
 from helpers import run_cli
 
 
@@ -107,17 +107,6 @@ def test_summarize_recomputes_differences_to_dense() -> None:
     assert s["chess_vs_cats"] == [
         {"claim": "CHESS KLD <= CATS KLD", "level": 0.5, "chess": 0.1, "cats": 0.05, "holds": False}
     ]
-
-
-def test_parse_sparsity_table_reads_the_runtime_format() -> None:
-    stderr = (
-        "noise\nactsparse: realized sparsity during prefill (fraction of inputs zeroed by the mask)\n"
-        "  layer      ffn  attn_q_in  attn_o_in\n      0      0.520      0.497          -\n"
-        "    all      0.498      0.506          -\nafter\n"
-    )
-    t = parse_sparsity_table(stderr, "prefill")
-    assert t["layers"] == [{"layer": 0, "ffn": 0.52, "attn_q_in": 0.497, "attn_o_in": None}]
-    assert t["overall"] == {"ffn": 0.498, "attn_q_in": 0.506, "attn_o_in": None}
 
 
 def test_eval_refuses_a_model_without_thresholds(small_model_path: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import actsparse
 from actsparse import engine, gguf_io
 from actsparse.data import heldout_corpus
 from actsparse.gguf_io import NewTensor
-from helpers import REPO, run_converter
+from helpers import REPO, checked_decode_stats, run_converter
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"
 
@@ -173,19 +173,7 @@ def test_decode_kernels_equal_the_dense_product_with_the_same_mask(
     model = request.getfixturevalue("sparse_model" if copies == "q8_0" else "same_copies_model")
     copy_types = {t.tensor_type.name for t in GGUFReader(model).tensors if t.name.endswith("_t.weight")}
     assert copy_types == ({"Q8_0"} if copies == "q8_0" else {"Q4_1"}), copy_types
-    code = (
-        "import sys, json, actsparse\n"
-        "llm = actsparse.Llama(sys.argv[1], sparse=0.5, n_ctx=256, n_threads=3, verbose=False)\n"
-        "llm('The history of the city', max_tokens=12, temperature=0.0)\n"
-        "print(json.dumps(actsparse.sparse_stats(llm)))\n"
-    )
-    env = {
-        **os.environ, "ACTSPARSE_CHECK_DECODE": "1", "ACTSPARSE_DECODE_KERNELS": "all",
-        "PYTHONPATH": str(REPO / "python"),
-    }  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    check = json.loads(proc.stdout.strip().splitlines()[-1])["decode_check"]
+    check = checked_decode_stats(model, 0.5, threads=3, tokens=12)["decode_check"]
     assert check["products"] >= 30 * 3 * 11
     assert check["max_rel_err"] < DECODE_CHECK_TOLERANCE[copies], check
 

@@ -26,10 +26,12 @@ ACTSPARSE_API int actsparse_set_sparse(struct llama_context * ctx, float level, 
 
 // Realized sparsity during decode (single-token batches) since the level was set: JSON with
 // per-layer and overall fractions of FFN channels and attention inputs skipped.
+// Also the prefill phase ("prefill": {...}) and, with ACTSPARSE_CHECK_DECODE=1, "decode_check".
 ACTSPARSE_API int  actsparse_stats_json(struct llama_context * ctx, char * buf, size_t size);
-ACTSPARSE_API void actsparse_print_stats(struct llama_context * ctx);
 // Print the statistics to stderr when the context is freed (--sparse-stats).
 ACTSPARSE_API void actsparse_print_stats_at_exit(struct llama_context * ctx, bool on);
+// Write the statistics JSON to `path` when the context is freed (--sparse-stats-file; null: don't).
+ACTSPARSE_API void actsparse_write_stats_at_exit(struct llama_context * ctx, const char * path);
 
 // Whether models loaded from now on keep ffn_up of layers with thresholds out of the CPU
 // backend's repacked buffers (default: true). Sparse decode reads single rows of ffn_up, which

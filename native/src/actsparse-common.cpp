@@ -35,6 +35,9 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
     add_opt(common_arg({ "--sparse-stats" },
                        "print the realized sparsity during decode (per layer and overall) at exit",
                        [](common_params & params) { params.sparse_stats = true; }));
+    add_opt(common_arg({ "--sparse-stats-file" }, "PATH",
+                       "write the realized sparsity (decode and prefill, per layer and overall) as JSON to PATH at exit",
+                       [](common_params & params, const std::string & value) { params.sparse_stats_file = value; }));
 }
 
 int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & params) {
@@ -68,5 +71,6 @@ bool actsparse_common_init(llama_context * ctx, const common_params & params) {
         return false;
     }
     actsparse_print_stats_at_exit(ctx, params.sparse_stats);
+    actsparse_write_stats_at_exit(ctx, params.sparse_stats_file.empty() ? nullptr : params.sparse_stats_file.c_str());
     return true;
 }

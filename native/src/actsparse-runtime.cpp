@@ -3,6 +3,7 @@
 #include "actsparse.h"
 #include "actsparse-kernels.h"
 #include "actsparse-llama.h"
+#include "actsparse-schema.h"
 
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -27,15 +28,15 @@
 
 namespace actsparse_detail {
 
-enum op_kind { KIND_FFN = 0, KIND_Q = 1, KIND_O = 2, N_KINDS = 3 };
-const char * const KIND_NAMES[N_KINDS] = { "ffn", "attn_q_in", "attn_o_in" };
+typedef actsparse_kind op_kind;
+constexpr op_kind KIND_FFN = ACTSPARSE_KIND_FFN, KIND_Q = ACTSPARSE_KIND_Q, KIND_O = ACTSPARSE_KIND_O;
+constexpr int N_KINDS = ACTSPARSE_N_KINDS;
 enum phase { PHASE_DECODE = 0, PHASE_PREFILL = 1, N_PHASES = 2 };
 
 struct sparse_layer {
     int il = -1;
     ggml_tensor * thresh[N_KINDS] = {};   // ffn_act_thresh, attn_q_in_thresh, attn_o_in_thresh
     ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
-    ggml_tensor * up = nullptr;
 };
 
 struct sparse_model {
@@ -77,6 +78,7 @@ struct actsparse_context {
     const sparse_model * model = nullptr;
     int level = -1;
     bool print_at_exit = false;
+    std::string stats_file;  // statistics JSON written here when the context is freed
     // Zeroed inputs per phase, per layer, per kind. Decode (one-token ubatches) is what the
     // sparse kernels skip; prefill is counted apart so evaluations over batched text can report
     // the sparsity they measured under.
@@ -88,6 +90,15 @@ struct actsparse_context {
 };
 
 // ---- model load -------------------------------------------------------------------------------
+
+// The index of `level` among the model's levels (the last within ACTSPARSE_LEVEL_TOLERANCE), or -1.
+static int level_index(const sparse_model * sm, float level) {
+    int idx = -1;
+    for (size_t i = 0; i < sm->levels.size(); ++i) {
+        if (std::fabs(sm->levels[i] - level) < ACTSPARSE_LEVEL_TOLERANCE) idx = (int) i;
+    }
+    return idx;
+}
 
 static std::string tensor_err(const ggml_tensor * t, const std::string & what) {
     return std::string("actsparse: tensor '") + t->name + "' " + what;
@@ -109,8 +120,12 @@ static void check_thresholds(const ggml_tensor * t, int64_t channels, size_t n_l
     }
 }
 
-static void check_transposed(const ggml_tensor * t, const ggml_tensor * orig, const char * expected_name) {
-    if (!t) throw std::runtime_error(std::string("actsparse: transposed copy '") + expected_name + "' is missing");
+static void check_transposed(const ggml_tensor * t, const ggml_tensor * orig, int il, op_kind kind) {
+    if (!t) {
+        char name[128];
+        std::snprintf(name, sizeof name, ACTSPARSE_KINDS[kind].copy, il);
+        throw std::runtime_error(std::string("actsparse: transposed copy '") + name + "' is missing");
+    }
     if (!orig || t->ne[0] != orig->ne[1] || t->ne[1] != orig->ne[0]) {
         throw std::runtime_error(tensor_err(t, "is not the transpose of its original's shape"));
     }
@@ -118,63 +133,61 @@ static void check_transposed(const ggml_tensor * t, const ggml_tensor * orig, co
 
 static std::vector<float> read_levels(const gguf_context * meta) {
     std::vector<float> levels;
-    const int64_t k = gguf_find_key(meta, "actsparse.levels");
+    const int64_t k = gguf_find_key(meta, ACTSPARSE_KEY_LEVELS);
     if (k < 0 || gguf_get_kv_type(meta, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, k) != GGUF_TYPE_FLOAT32) {
-        throw std::runtime_error("actsparse: key 'actsparse.levels' is missing or not an array of f32");
+        throw std::runtime_error("actsparse: key '" ACTSPARSE_KEY_LEVELS "' is missing or not an array of f32");
     }
     const float * data = (const float *) gguf_get_arr_data(meta, k);
     levels.assign(data, data + gguf_get_arr_n(meta, k));
     for (size_t i = 0; i < levels.size(); ++i) {
         if (!(levels[i] > 0.0f && levels[i] < 1.0f) || (i > 0 && levels[i] <= levels[i - 1])) {
-            throw std::runtime_error("actsparse: 'actsparse.levels' must be increasing values in (0, 1)");
+            throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_LEVELS "' must be increasing values in (0, 1)");
         }
     }
-    if (levels.empty()) throw std::runtime_error("actsparse: 'actsparse.levels' is empty");
+    if (levels.empty()) throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_LEVELS "' is empty");
     return levels;
 }
 
 void actsparse_model_loaded(const llama_model & model, const gguf_context * meta) {
     bool any = false;
     for (const auto & L : model.layers) any |= L.ffn_act_thresh || L.attn_q_in_thresh || L.attn_o_in_thresh;
-    const bool has_keys = gguf_find_key(meta, "actsparse.format_version") >= 0;
+    const bool has_keys = gguf_find_key(meta, ACTSPARSE_KEY_FORMAT_VERSION) >= 0;
     if (!any && !has_keys) return;
     if (!any) throw std::runtime_error("actsparse: file has actsparse keys but no threshold tensors");
 
     auto sm = std::make_unique<sparse_model>();
     sm->levels = read_levels(meta);
-    const int64_t kd = gguf_find_key(meta, "actsparse.default_level");
+    const int64_t kd = gguf_find_key(meta, ACTSPARSE_KEY_DEFAULT_LEVEL);
     sm->default_level = kd >= 0 ? gguf_get_val_f32(meta, kd) : sm->levels[sm->levels.size() / 2];
-    bool def_ok = false;
-    for (float l : sm->levels) def_ok |= std::fabs(l - sm->default_level) < 1e-6f;
-    if (!def_ok) throw std::runtime_error("actsparse: 'actsparse.default_level' is not one of 'actsparse.levels'");
-    const int64_t ka = gguf_find_key(meta, "actsparse.activation");
+    if (level_index(sm.get(), sm->default_level) < 0) {
+        throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_DEFAULT_LEVEL "' is not one of '" ACTSPARSE_KEY_LEVELS "'");
+    }
+    const int64_t ka = gguf_find_key(meta, ACTSPARSE_KEY_ACTIVATION);
     const std::string act = ka >= 0 ? gguf_get_val_str(meta, ka) : "silu";
     if (act == "silu") sm->act = ACTSPARSE_ACT_SILU;
     else if (act == "gelu") sm->act = ACTSPARSE_ACT_GELU;
-    else throw std::runtime_error("actsparse: unknown 'actsparse.activation' " + act);
+    else throw std::runtime_error("actsparse: unknown '" ACTSPARSE_KEY_ACTIVATION "' " + act);
 
     for (size_t il = 0; il < model.layers.size(); ++il) {
         const auto & L = model.layers[il];
         if (!L.ffn_act_thresh && !L.attn_q_in_thresh && !L.attn_o_in_thresh) continue;
         sparse_layer sl;
         sl.il = (int) il;
-        sl.up = L.ffn_up;
-        const std::string p = "blk." + std::to_string(il) + ".";
         if (L.ffn_act_thresh) {
             check_thresholds(L.ffn_act_thresh, L.ffn_gate ? L.ffn_gate->ne[1] : -1, sm->levels.size());
-            check_transposed(L.ffn_down_t, L.ffn_down, (p + "ffn_down_t.weight").c_str());
+            check_transposed(L.ffn_down_t, L.ffn_down, sl.il, KIND_FFN);
             sl.thresh[KIND_FFN] = L.ffn_act_thresh;
             sl.weight_t[KIND_FFN] = L.ffn_down_t;
         }
         if (L.attn_q_in_thresh) {
             check_thresholds(L.attn_q_in_thresh, L.wq ? L.wq->ne[0] : -1, sm->levels.size());
-            check_transposed(L.attn_q_t, L.wq, (p + "attn_q_t.weight").c_str());
+            check_transposed(L.attn_q_t, L.wq, sl.il, KIND_Q);
             sl.thresh[KIND_Q] = L.attn_q_in_thresh;
             sl.weight_t[KIND_Q] = L.attn_q_t;
         }
         if (L.attn_o_in_thresh) {
             check_thresholds(L.attn_o_in_thresh, L.wo ? L.wo->ne[0] : -1, sm->levels.size());
-            check_transposed(L.attn_output_t, L.wo, (p + "attn_output_t.weight").c_str());
+            check_transposed(L.attn_output_t, L.wo, sl.il, KIND_O);
             sl.thresh[KIND_O] = L.attn_o_in_thresh;
             sl.weight_t[KIND_O] = L.attn_output_t;
         }
@@ -261,10 +274,7 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     }
     if (std::isnan(level)) return fail("sparsity level is NaN");
     if (level < 0.0f) level = sm->default_level;
-    int idx = -1;
-    for (size_t i = 0; i < sm->levels.size(); ++i) {
-        if (std::fabs(sm->levels[i] - level) < 1e-4f) idx = (int) i;
-    }
+    const int idx = level_index(sm, level);
     if (idx < 0) {
         char buf[64];
         std::snprintf(buf, sizeof buf, "%g", level);
@@ -273,10 +283,12 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     std::lock_guard<std::mutex> lock(g_mutex);
     auto & st = g_contexts[ctx];
     const bool keep_print = st && st->print_at_exit;
+    const std::string keep_file = st ? st->stats_file : std::string();
     st = std::make_unique<actsparse_context>();
     st->model = sm;
     st->level = idx;
     st->print_at_exit = keep_print;
+    st->stats_file = keep_file;
     const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
     for (auto & phase_stats : st->stats) {
         for (size_t il = 0; il < n_layer; ++il) phase_stats.emplace_back(new counters[N_KINDS]);
@@ -351,15 +363,17 @@ static std::string stats_json_members(const actsparse_context * st, int ph) {
                 const double z = st->stats[ph][il][k].zero, t = st->stats[ph][il][k].total;
                 tz[k] += z;
                 tt[k] += t;
-                js += std::string(", \"") + KIND_NAMES[k] + "\": " + ratio_json(z, t);
+                js += std::string(", \"") + ACTSPARSE_KINDS[k].name + "\": " + ratio_json(z, t);
             }
             js += "}";
         }
     }
     js += "], \"overall\": {";
-    for (int k = 0; k < N_KINDS; ++k) js += std::string(k ? ", \"" : "\"") + KIND_NAMES[k] + "\": " + ratio_json(tz[k], tt[k]);
+    for (int k = 0; k < N_KINDS; ++k) js += std::string(k ? ", \"" : "\"") + ACTSPARSE_KINDS[k].name + "\": " + ratio_json(tz[k], tt[k]);
     return js + "}";
 }
+
+static void write_stats_file(const actsparse_context & st);
 
 void actsparse_context_freed(const llama_context * ctx) {
     std::unique_ptr<actsparse_context> st;
@@ -376,6 +390,7 @@ void actsparse_context_freed(const llama_context * ctx) {
         if (phase_counted(*st, PHASE_PREFILL)) out += stats_table(*st, PHASE_PREFILL);
         std::fputs(out.c_str(), stderr);
     }
+    if (!st->stats_file.empty()) write_stats_file(*st);
 }
 
 static actsparse_context * context_state(llama_context * ctx) {
@@ -389,8 +404,7 @@ extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
     if (st) st->print_at_exit = on;
 }
 
-extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size) {
-    actsparse_context * st = context_state(ctx);
+static std::string stats_json(const actsparse_context * st) {
     std::string js = "{" + stats_json_members(st, PHASE_DECODE);
     js += ", \"prefill\": {" + stats_json_members(st, PHASE_PREFILL) + "}";
     if (st && st->checked > 0) {
@@ -400,9 +414,34 @@ extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size
         js += ", \"decode_check\": {\"products\": " + std::to_string(st->checked.load()) +
               ", \"max_rel_err\": " + std::to_string(rel) + "}";
     }
-    js += "}";
+    return js + "}";
+}
+
+extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size) {
+    const std::string js = stats_json(context_state(ctx));
     if (buf && size) std::snprintf(buf, size, "%s", js.c_str());
     return (int) js.size();
+}
+
+extern "C" void actsparse_write_stats_at_exit(llama_context * ctx, const char * path) {
+    actsparse_context * st = context_state(ctx);
+    if (st) st->stats_file = path ? path : "";
+}
+
+// Written beside the destination and renamed, so a reader never sees half a file.
+static void write_stats_file(const actsparse_context & st) {
+    const std::string tmp = st.stats_file + ".tmp";
+    const std::string js = stats_json(&st) + "\n";
+    FILE * f = std::fopen(tmp.c_str(), "w");
+    bool ok = f != nullptr;
+    if (f) {
+        ok = std::fwrite(js.data(), 1, js.size(), f) == js.size();
+        ok = std::fclose(f) == 0 && ok;
+    }
+    if (!(ok && std::rename(tmp.c_str(), st.stats_file.c_str()) == 0)) {
+        std::remove(tmp.c_str());
+        std::fprintf(stderr, "actsparse: cannot write the statistics to %s\n", st.stats_file.c_str());
+    }
 }
 
 // ---- mask trace (tests) -----------------------------------------------------------------------
@@ -741,7 +780,7 @@ static bool decode_kernels_enabled() {
 // reads at most SPARSE_BYTES_MARGIN of the original's bytes at the level's target sparsity;
 // elsewhere the original multiplies the masked input (the same function, computed densely).
 // python/actsparse/benchmark.py applies the same rule to the bytes-per-token ceiling.
-static constexpr double SPARSE_BYTES_MARGIN = 0.8;
+static constexpr double SPARSE_BYTES_MARGIN = ACTSPARSE_SPARSE_BYTES_MARGIN;
 
 static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, const actsparse_context * st) {
     if (decode_kernels_mode() == DECODE_KERNELS_ALL) return true;

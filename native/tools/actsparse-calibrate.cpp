@@ -21,8 +21,10 @@
 #include "gguf.h"
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "ggml-cpu.h"
 #include "llama.h"
 #include "actsparse.h"
+#include "actsparse-schema.h"
 
 #include <cerrno>
 #include <chrono>
@@ -42,6 +44,37 @@ namespace {
 constexpr int N_BINS = 1 << 15;  // sign-less bfloat16 bit patterns
 
 enum class activation { silu, gelu };
+
+// The gate's activation computed by ggml's own CPU op (ggml_silu / ggml_gelu), the node the sparse
+// runtime thresholds: ggml's GELU reads an fp16 table and its SiLU a vectorised exp, so a formula
+// of our own would differ from what the runtime compares with the thresholds.
+struct activation_op {
+    ggml_context * ctx = nullptr;
+    size_t capacity = 0;
+
+    ~activation_op() {
+        if (ctx) ggml_free(ctx);
+    }
+
+    void apply(activation a, float * x, int64_t ne0, int64_t nrows, int n_threads) {
+        const size_t data = 2 * (size_t) (ne0 * nrows) * sizeof(float);
+        const size_t need = data + 8 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
+        if (need > capacity) {
+            if (ctx) ggml_free(ctx);
+            ctx = ggml_init({ need, nullptr, false });
+            capacity = need;
+        } else {
+            ggml_reset(ctx);
+        }
+        ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, nrows);
+        std::memcpy(in->data, x, ggml_nbytes(in));
+        ggml_tensor * out = a == activation::gelu ? ggml_gelu(ctx, in) : ggml_silu(ctx, in);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+        std::memcpy(x, out->data, ggml_nbytes(out));
+    }
+};
 
 struct options {
     std::string model;
@@ -66,13 +99,14 @@ struct layer_stats {
     std::vector<double> hist_q_in;          // |x| entering W_q
     std::vector<double> hist_o_in;          // |x| entering W_o
     std::vector<double> mean_abs_up;        // m_i, fixed after pass 1 (or given)
-    std::vector<float>  dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
+    std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
     int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
 };
 
 struct collector {
     activation act = activation::silu;
+    activation_op act_op;
     int pass = 1;
     std::vector<layer_stats> layers;
     const options * opt = nullptr;
@@ -85,15 +119,6 @@ inline int bf16_bin(float v) {
     v = std::fabs(v);
     std::memcpy(&bits, &v, sizeof bits);
     return (int) (bits >> 16) & (N_BINS - 1);
-}
-
-// Same formulas as ggml's CPU ops, so that the runtime thresholds what we measured.
-inline float apply_act(activation a, float x) {
-    if (a == activation::silu) {
-        return x / (1.0f + std::exp(-x));
-    }
-    const float c = 0.7978845608028654f;  // sqrt(2/pi)
-    return 0.5f * x * (1.0f + std::tanh(c * x * (1.0f + 0.044715f * x * x)));
 }
 
 bool parse_name(const char * name, const char * prefix, int & il) {
@@ -188,7 +213,8 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
         } break;
         case node_kind::gate: {
             std::vector<float> & a = c->buf;
-            for (int64_t k = 0; k < ne0 * nrows; ++k) a[k] = apply_act(c->act, a[k]);
+            dump(L.dump_gate);  // the pre-activation, before it is overwritten
+            c->act_op.apply(c->act, a.data(), ne0, nrows, c->opt->n_threads);
             if (c->pass != 2) {
                 add_hist(L.hist_act, a.data(), ne0 * nrows);
                 L.n_tok_act += nrows;
@@ -297,11 +323,16 @@ std::string read_file(const std::string & path) {
     return ss.str();
 }
 
+// The gate's activation of the model's architecture, from the schema's table.
 activation activation_for(const llama_model * model) {
     char arch[128] = {0};
     llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch);
-    // Gemma-family FFNs use GELU (tanh approximation); the other gated FFNs use SiLU.
-    return std::strncmp(arch, "gemma", 5) == 0 ? activation::gelu : activation::silu;
+    for (const actsparse_arch_activation & a : ACTSPARSE_ARCH_ACTIVATION) {
+        if (std::strcmp(a.arch, arch) == 0) {
+            return std::strcmp(a.activation, "gelu") == 0 ? activation::gelu : activation::silu;
+        }
+    }
+    die(std::string("unsupported architecture '") + arch + "': no separate gate, up and down projection");
 }
 
 void add_f64(gguf_context * g, ggml_context * ctx, const std::string & name, const std::vector<double> & v,
@@ -324,7 +355,7 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     size_t bytes = 1 << 20;
     for (const auto & L : c.layers) {
         bytes += (L.sum_abs_up.size() + 4 * (size_t) N_BINS) * sizeof(double) + 1024;
-        bytes += (L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size()) * sizeof(float) + 1024;
+        bytes += (L.dump_gate.size() + L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size()) * sizeof(float) + 1024;
     }
     ggml_init_params ip = { bytes, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
@@ -351,6 +382,7 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
         if (!L.hist_score.empty()) add_f64(g, ctx, p + "ffn_score_hist", L.hist_score, N_BINS);
         if (!L.hist_q_in.empty())  add_f64(g, ctx, p + "attn_q_in_hist", L.hist_q_in, N_BINS);
         if (!L.hist_o_in.empty())  add_f64(g, ctx, p + "attn_o_in_hist", L.hist_o_in, N_BINS);
+        if (!L.dump_gate.empty())  add_f32(g, ctx, p + "dump.ffn_gate", L.dump_gate, L.n_ff);
         if (!L.dump_act.empty())   add_f32(g, ctx, p + "dump.ffn_act", L.dump_act, L.n_ff);
         if (!L.dump_up.empty())    add_f32(g, ctx, p + "dump.ffn_up", L.dump_up, L.n_ff);
         if (!L.dump_q_in.empty())  add_f32(g, ctx, p + "dump.attn_q_in", L.dump_q_in, L.n_q_in);

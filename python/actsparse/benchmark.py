@@ -21,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import engine, gguf_io
+from . import engine, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
 from .options import command
 
@@ -82,12 +83,6 @@ class LevelResult:
         )
 
 
-# The runtime's rule (native/src/actsparse-runtime.cpp, sparse_kernel_pays): a transposed copy is
-# read only where (1 - target level) of its bytes is at most this share of the original's bytes;
-# elsewhere decode multiplies the original by the masked input.
-SPARSE_BYTES_MARGIN = 0.8
-
-
 def weight_bytes_read(
     path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
 ) -> tuple[float, float]:
@@ -99,12 +94,12 @@ def weight_bytes_read(
     nbytes = {name: t.n_bytes for name, t in tensors.items()}
     streamed = gathered = 0.0
     for name, n in nbytes.items():
-        m = re.match(r"blk\.\d+\.(\w+)\.weight$", name)
-        kind = m.group(1) if m else name
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", name)
+        kind = m.group(2) if m else name
         shape = tensors[name].shape
         if (
             not name.endswith(".weight")
-            or kind.endswith("_t")
+            or schema.is_sparsity_tensor(name)
             or "norm" in kind
             or shape.size < 2
             or int(shape[1]) == 1
@@ -112,13 +107,13 @@ def weight_bytes_read(
             continue
         if name == "token_embd.weight" and "output.weight" in nbytes:
             continue  # only gathered
-        copy = {"ffn_down": "ffn_down_t", "attn_q": "attn_q_t", "attn_output": "attn_output_t"}.get(kind)
-        copy_bytes = nbytes.get(name.replace(kind, copy)) if copy else None
+        sparse_kind = next((k for k in schema.KINDS if k.weight_kind == kind), None)
+        copy_bytes = nbytes.get(sparse_kind.copy_name(int(m.group(1)))) if sparse_kind and m else None
         s = {"ffn_up": s_ffn, "ffn_down": s_ffn, "attn_q": s_q, "attn_output": s_o}.get(kind, 0.0)
         target = s if level is None else level
         if kind == "ffn_up" and s > 0:
             gathered += (1 - s) * n
-        elif copy_bytes and s > 0 and (1 - target) * copy_bytes <= SPARSE_BYTES_MARGIN * n:
+        elif copy_bytes and s > 0 and schema.sparse_kernel_pays(target, copy_bytes, n):
             gathered += (1 - s) * copy_bytes
         else:
             streamed += n
@@ -168,15 +163,18 @@ def llama_bench(
 
 
 def realized_sparsity(model: Path, level: float, threads: int) -> dict[str, float]:
-    cmd = [str(engine.binary("llama-completion")), "-m", str(model), "-p", "The history of the city begins",
-           "-n", "64", "-t", str(threads), "--temp", "0", "-no-cnv", "--no-warmup",
-           "--sparse", f"{level:g}", "--sparse-stats"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    line = next((x.split() for x in proc.stderr.splitlines() if x.strip().startswith("all ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError("llama-completion --sparse-stats failed")
-    values = [float(v) if v != "-" else 0.0 for v in line[1:4]]
-    return dict(zip(("ffn", "attn_q_in", "attn_o_in"), values, strict=True))
+    """Overall realized sparsity of 64 decoded tokens at `level` (0 for a kind never sparsified)."""
+    with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
+        stats_file = Path(tmp) / "sparsity.json"
+        cmd = [str(engine.binary("llama-completion")), "-m", str(model),
+               "-p", "The history of the city begins", "-n", "64", "-t", str(threads),
+               "--temp", "0", "-no-cnv", "--no-warmup",
+               "--sparse", f"{level:g}", "--sparse-stats-file", str(stats_file)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError("llama-completion --sparse failed")
+        overall = tool_output.sparsity_stats(stats_file, "decode")["overall"]
+    return {kind.name: overall[kind.name] or 0.0 for kind in schema.KINDS}
 
 
 def read_bandwidth_gbs(size_mb: int = 512) -> float:
@@ -230,18 +228,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_levels(options: BenchOptions) -> list[float]:
     """The levels to measure, checked against the file's; ValueError/GGUFError name the problem."""
-    from .sparsity_info import read_sparsity_info
+    from .sparse_file import read_sparse_file
 
-    info = read_sparsity_info(options.model)
+    info = read_sparse_file(options.model)
     if options.repeats < 1 or options.threads < 1 or options.n_gen < 1 or options.n_prompt < 0:
         raise ValueError("--repeats, --threads and -n must be positive, -p 0 or more")
     if options.levels is None:
-        return [round(v, 6) for v in info.levels]
+        return list(info.levels)
     try:
         levels = [float(x) for x in options.levels.split(",")]
     except ValueError:
         raise ValueError(f"--levels must be comma-separated numbers, got {options.levels!r}") from None
-    unknown = [v for v in levels if not any(abs(v - x) < 1e-4 for x in info.levels)]
+    unknown = [v for v in levels if not info.has_level(v)]
     if unknown:
         raise ValueError(f"levels {unknown} are not in the file; available: {info.levels}")
     return levels

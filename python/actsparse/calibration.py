@@ -122,7 +122,7 @@ def read_stats(path: Path) -> CalibrationStats:
     for il in range(n_layer):
         p = f"blk.{il}."
         dumps = {}
-        for kind in ("ffn_act", "ffn_up", "attn_q_in", "attn_o_in"):
+        for kind in ("ffn_gate", "ffn_act", "ffn_up", "attn_q_in", "attn_o_in"):
             d = get(p + "dump." + kind)
             if d is not None:
                 dumps[kind] = d

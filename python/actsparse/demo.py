@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import benchmark, convert, engine, evaluate, models, registry
+from . import benchmark, convert, engine, evaluate, models, registry, schema, tool_output
 from .evaluate import Q4_K_M_KLD
 from .gguf_io import GGUFError
 from .options import command
+from .sparse_file import read_sparse_file
 
 PROMPT = "The three most important ideas in the history of science are"
 DEMO_LEVELS = "0.3,0.5,0.7"
-# "... common_perf_print:        eval time = 57.98 ms / 8 runs (7.25 ms per token, 137.98 tokens per second)"
-EVAL_RE = re.compile(r"(?<!prompt )eval time =[^\n]*?([\d.]+) tokens per second")
 # below this the demo explains why the speed-up is small
 SMALL_SPEEDUP = 1.15
 
@@ -62,8 +60,8 @@ def generate(
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"llama-completion failed: {last[0]}")
-    m = EVAL_RE.search(proc.stderr)
-    return Generation(text=proc.stdout.strip(), decode_tps=float(m.group(1)) if m else float("nan"))
+    tps = tool_output.decode_tokens_per_second(proc.stderr)
+    return Generation(text=proc.stdout.strip(), decode_tps=float("nan") if tps is None else tps)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -153,9 +151,7 @@ def _run(o: DemoOptions) -> int:
     )
     if rc != 0:
         return rc
-    from .sparsity_info import read_sparsity_info
-
-    level = read_sparsity_info(sparse_path).default_level
+    level = read_sparse_file(sparse_path).default_level
 
     print(
         f"\n== generating {o.n_predict} tokens with llama-completion, dense and --sparse {level:g}",
@@ -217,8 +213,8 @@ def _run(o: DemoOptions) -> int:
             f"{row['memory_bound']:9.2f} {row['ppl']:7.2f} {row['kld_mean']:8.3f} "
             f"{row['kld_mean'] / Q4_K_M_KLD:8.1f} {100 * row['same_top']:7.0f}%"
         )
-    chosen = next(row for row in rows if abs(row["level"] - level) < 1e-4)
-    entry = next(e for e in speed["levels"] if abs(e["level"] - level) < 1e-4)
+    chosen = next(row for row in rows if schema.same_level(row["level"], level))
+    entry = next(e for e in speed["levels"] if schema.same_level(e["level"], level))
     print(
         f"\nAt level {level:g} (the file's default; realized FFN sparsity {chosen['realized_ffn']:.3f}), "
         f"decode runs at {chosen['decode_tps']:.1f} t/s against {dense_tps:.1f} t/s dense: "

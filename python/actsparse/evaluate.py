@@ -5,7 +5,7 @@ For the dense model and each (model file, level):
 * text metrics on held-out text (LAMBADA passages, never the calibration text): perplexity,
   KL divergence against dense (mean, 99th percentile) and the same-top-token rate, from
   llama-perplexity's ``--kl-divergence`` machinery run with ``--sparse``; the realized sparsity
-  comes from the same run (``--sparse-stats``, prefill phase);
+  comes from the same run (``--sparse-stats-file``, prefill phase);
 * the 8 zero-shot tasks of the CHESS paper, scored by log-likelihood on our runtime
   (:mod:`actsparse.zeroshot`).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, engine, gguf_io
-from .gguf_io import GGUFError, field_value
+from . import __version__, engine, gguf_io, schema, tool_output
+from .gguf_io import GGUFError
 from .options import command, command_line
+from .sparse_file import NoThresholdsError, SparseFile, read_sparse_file
+from .tool_output import ToolOutputError
 
 DEFAULT_CTX = 512
 DEFAULT_CHUNKS = 16
@@ -41,10 +42,8 @@ HELDOUT_CHARS = 2_000_000  # more than any chunk count asks for; llama-perplexit
 LLAMA_CPP_QUANT_KLD = {"q8_0": (0.0014, 0.977), "q6_K": (0.0055, 0.960), "q4_K_M": (0.031, 0.919)}
 Q4_K_M_KLD = LLAMA_CPP_QUANT_KLD["q4_K_M"][0]
 
-_FLOAT = r"([-+]?[\d.]+(?:e[-+]?\d+)?|nan|inf)"
 
-
-class EvalError(RuntimeError):
+class EvalError(ToolOutputError):
     """A measurement could not be made; the message is one line."""
 
 
@@ -64,19 +63,6 @@ class EvalOptions:
 
 
 @dataclass
-class SparseModel:
-    path: Path
-    method: str
-    attn: bool
-    levels: list[float]
-    calibration_sha256: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.method.upper()}{'+attn' if self.attn else ''}"
-
-
-@dataclass
 class Run:
     label: str  # "dense" or the method label
     model: str
@@ -87,20 +73,14 @@ class Run:
     seconds: float = 0.0
 
 
-def read_sparse_model(path: Path) -> SparseModel:
-    reader = gguf_io.open_gguf(path)
-    if field_value(reader, "actsparse.format_version") is None:
+def read_sparse_model(path: Path) -> SparseFile:
+    try:
+        return read_sparse_file(path)
+    except NoThresholdsError:
         raise GGUFError(
             f"{path} has no sparsity thresholds: convert it with python/convert_with_thresholds.py "
             "(or pass --dense-only to measure it dense)"
-        )
-    return SparseModel(
-        path=path,
-        method=str(field_value(reader, "actsparse.method")),
-        attn=bool(field_value(reader, "actsparse.attn", False)),
-        levels=[round(float(v), 6) for v in field_value(reader, "actsparse.levels", [])],
-        calibration_sha256=str(field_value(reader, "actsparse.calibration.sha256", "")),
-    )
+        ) from None
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -108,7 +88,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
     def signature(path: Path) -> tuple[list[tuple[str, int, tuple[int, ...]]], bytes]:
         reader = gguf_io.open_gguf(path)
-        tensors = [t for t in reader.tensors if not gguf_io.is_sparsity_tensor(t.name)]
+        tensors = [t for t in reader.tensors if not schema.is_sparsity_tensor(t.name)]
         sig = sorted((t.name, int(t.tensor_type), tuple(int(x) for x in t.shape)) for t in tensors)
         first = min(tensors, key=lambda t: t.name)
         return sig, bytes(first.data[:4096].tobytes())
@@ -143,13 +123,6 @@ def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def _search(pattern: str, text: str, what: str) -> float:
-    m = re.search(pattern, text)
-    if not m:
-        raise EvalError(f"llama-perplexity printed no {what}")
-    return float(m.group(1))
-
-
 def dense_text_metrics(
     model: Path, text_file: Path, base_file: Path, ctx: int, chunks: int, threads: int
 ) -> dict[str, Any]:
@@ -157,17 +130,14 @@ def dense_text_metrics(
     proc = _run_tool(
         [*_perplexity_cmd(model, text_file, ctx, chunks, threads), "--kl-divergence-base", str(base_file)]
     )
-    out = proc.stdout + proc.stderr
-    return {
-        "ppl": _search(rf"Final estimate: PPL = {_FLOAT}", out, "final perplexity"),
-        "tokens": ctx * chunks,
-    }
+    return {"ppl": tool_output.perplexity(proc.stdout + proc.stderr), "tokens": ctx * chunks}
 
 
 def sparse_text_metrics(
     model: Path, level: float, text_file: Path, base_file: Path, ctx: int, chunks: int, threads: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(text metrics, realized sparsity) of `model` at `level` against the dense logits."""
+    stats_file = base_file.with_name(base_file.name + ".sparsity.json")
     cmd = [
         *_perplexity_cmd(model, text_file, ctx, chunks, threads),
         "--kl-divergence-base",
@@ -175,41 +145,12 @@ def sparse_text_metrics(
         "--kl-divergence",
         "--sparse",
         f"{level:g}",
-        "--sparse-stats",
+        "--sparse-stats-file",
+        str(stats_file),
     ]
     proc = _run_tool(cmd)
-    out = proc.stdout + proc.stderr
-    text = {
-        "ppl": _search(rf"Mean PPL\(Q\)\s*:\s*{_FLOAT}", out, "PPL(Q)"),
-        "kld_mean": _search(rf"Mean\s+KLD:\s*{_FLOAT}", out, "mean KLD"),
-        "kld_p99": _search(rf"99\.0%\s+KLD:\s*{_FLOAT}", out, "99% KLD"),
-        "same_top": _search(rf"Same top p:\s*{_FLOAT}", out, "same-top rate") / 100.0,
-        "tokens": ctx * chunks,
-    }
-    return text, parse_sparsity_table(proc.stderr, "prefill")
-
-
-def parse_sparsity_table(stderr: str, phase: str) -> dict[str, Any]:
-    """The `--sparse-stats` table of one phase: per-layer and overall fractions."""
-    lines = stderr.splitlines()
-    start = next(
-        (i for i, x in enumerate(lines) if x.startswith(f"actsparse: realized sparsity during {phase}")), None
-    )
-    if start is None:
-        raise EvalError(f"no {phase} sparsity table in the output of --sparse-stats")
-    kinds = ("ffn", "attn_q_in", "attn_o_in")
-    layers: list[dict[str, Any]] = []
-    overall: dict[str, float | None] = {}
-    for line in lines[start + 2 :]:
-        parts = line.split()
-        if len(parts) != 4:
-            break
-        values = [None if v == "-" else float(v) for v in parts[1:]]
-        if parts[0] == "all":
-            overall = dict(zip(kinds, values, strict=True))
-            break
-        layers.append({"layer": int(parts[0]), **dict(zip(kinds, values, strict=True))})
-    return {"overall": overall, "layers": layers}
+    text = tool_output.kl_divergence(proc.stdout + proc.stderr) | {"tokens": ctx * chunks}
+    return text, tool_output.sparsity_stats(stats_file, "prefill")
 
 
 # --- zero-shot tasks ----------------------------------------------------------------------
@@ -280,16 +221,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_tasks(spec: str) -> list[str]:
-    from .data import CHESS_TASKS
+    from .data import CHESS_TASKS, check_tasks
 
     if spec == "none":
         return []
     if spec == "all":
         return list(CHESS_TASKS)
     names = [x.strip() for x in spec.split(",") if x.strip()]
-    unknown = [n for n in names if n not in CHESS_TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {', '.join(unknown)}; known: {', '.join(CHESS_TASKS)}")
+    check_tasks(names)
     return names
 
 
@@ -309,7 +248,7 @@ def _levels_text(levels: list[float]) -> str:
     return ", ".join(f"{v:g}" for v in levels)
 
 
-def _plan(args: EvalOptions) -> tuple[list[SparseModel], dict[Path, list[float]]]:
+def _plan(args: EvalOptions) -> tuple[list[SparseFile], dict[Path, list[float]]]:
     if args.dense_only:
         gguf_io.open_gguf(args.models[0])
         return [], {}
@@ -321,7 +260,7 @@ def _plan(args: EvalOptions) -> tuple[list[SparseModel], dict[Path, list[float]]
     plan = {}
     for m in models:
         levels = m.levels if wanted is None else wanted
-        missing = [v for v in levels if v not in m.levels]
+        missing = [v for v in levels if not m.has_level(v)]
         if missing:
             raise ValueError(
                 f"{m.path.name} has no level {missing[0]:g}; available: {_levels_text(m.levels)}"
@@ -336,7 +275,7 @@ def run(options: EvalOptions) -> int:
     except (GGUFError, ValueError, engine.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except EvalError as e:
+    except ToolOutputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown_tables(report))
@@ -363,7 +302,7 @@ def measure(args: EvalOptions) -> dict[str, Any]:
         raise ValueError("--chunks must be >= 0 and --ctx >= 16")
     heldout = heldout_corpus()
     for m in models:
-        if m.calibration_sha256 == heldout.sha256:
+        if m.calibration.sha256 == heldout.sha256:
             raise ValueError(f"{m.path.name} was calibrated on the held-out text; calibrate on other text")
 
     dense_model = args.models[0]
@@ -410,7 +349,7 @@ def _measure_text(runs: list[Run], tmp: Path, text: str, args: EvalOptions) -> N
 
 def _measure_tasks(
     runs: list[Run],
-    models: list[SparseModel],
+    models: list[SparseFile],
     plan: dict[Path, list[float]],
     tasks: list[str],
     args: EvalOptions,

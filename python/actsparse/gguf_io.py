@@ -18,46 +18,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.gguf_reader import ReaderTensor
 
+from .schema import ARCH_ACTIVATION, KEY_FORMAT_VERSION, is_sparsity_tensor
+
 GGUF_MAGIC = b"GGUF"
-KEY_PREFIX = "actsparse."
-FORMAT_VERSION = 1
-
-# Architectures whose graphs go through llm_graph_context::build_ffn with a parallel gate.
-SUPPORTED_ARCHS = {
-    "llama": "silu",
-    "mistral3": "silu",
-    "qwen2": "silu",
-    "qwen3": "silu",
-    "granite": "silu",
-    "olmo2": "silu",
-    "phi3": "silu",
-    "gemma": "gelu",
-    "gemma2": "gelu",
-    "gemma3": "gelu",
-}
-
-FFN_THRESH = "blk.{}.ffn_act_thresh"
-Q_IN_THRESH = "blk.{}.attn_q_in_thresh"
-O_IN_THRESH = "blk.{}.attn_o_in_thresh"
-FFN_DOWN_T = "blk.{}.ffn_down_t.weight"
-ATTN_Q_T = "blk.{}.attn_q_t.weight"
-ATTN_OUTPUT_T = "blk.{}.attn_output_t.weight"
-SPARSITY_TENSOR_SUFFIXES = (
-    ".ffn_act_thresh",
-    ".attn_q_in_thresh",
-    ".attn_o_in_thresh",
-    ".ffn_down_t.weight",
-    ".attn_q_t.weight",
-    ".attn_output_t.weight",
-)
 
 
 class GGUFError(ValueError):
     """An input GGUF that cannot be used; the message is one line for the user."""
-
-
-def is_sparsity_tensor(name: str) -> bool:
-    return name.startswith("blk.") and name.endswith(SPARSITY_TENSOR_SUFFIXES)
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
@@ -111,9 +78,9 @@ def describe_model(reader: GGUFReader, path: str | os.PathLike[str]) -> ModelInf
     tensors = {t.name: t for t in reader.tensors}
     if "blk.0.ffn_gate_exps.weight" in tensors or "blk.0.ffn_gate_inp.weight" in tensors:
         raise GGUFError(f"unsupported architecture '{arch}': mixture-of-experts FFNs are not supported")
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in ARCH_ACTIVATION:
         raise GGUFError(
-            f"unsupported architecture '{arch}': supported are {', '.join(sorted(SUPPORTED_ARCHS))}"
+            f"unsupported architecture '{arch}': supported are {', '.join(sorted(ARCH_ACTIVATION))}"
         )
     n_layer = field_value(reader, f"{arch}.block_count")
     n_embd = field_value(reader, f"{arch}.embedding_length")
@@ -127,13 +94,13 @@ def describe_model(reader: GGUFReader, path: str | os.PathLike[str]) -> ModelInf
                     "(fused or ungated FFN/attention)"
                 )
     n_ff = int(tensors["blk.0.ffn_gate.weight"].shape[1])
-    has_sparsity = reader.get_field(KEY_PREFIX + "format_version") is not None or any(
+    has_sparsity = reader.get_field(KEY_FORMAT_VERSION) is not None or any(
         is_sparsity_tensor(n) for n in tensors
     )
     return ModelInfo(
         path=Path(path),
         arch=arch,
-        activation=SUPPORTED_ARCHS[arch],
+        activation=ARCH_ACTIVATION[arch],
         n_layer=n_layer,
         n_embd=n_embd,
         n_ff=n_ff,

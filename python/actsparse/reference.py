@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import gguf_io
+from . import schema
 from .runtime import MASK_KINDS
+from .sparse_file import read_sparse_file
+from .zeroshot import shared_context
 
 if TYPE_CHECKING:
     from .zeroshot import Request
@@ -101,39 +103,19 @@ class ChessThresholds:
 
 def read_thresholds(path: str | os.PathLike[str], level: float | None = None) -> ChessThresholds:
     """The thresholds of ``level`` (None: the file's default level) read with the gguf package."""
-    reader = gguf_io.open_gguf(path)
-    levels = gguf_io.field_value(reader, gguf_io.KEY_PREFIX + "levels")
-    if not levels:
-        raise gguf_io.GGUFError(f"{path}: no sparsity thresholds (actsparse.levels missing)")
-    levels = tuple(float(v) for v in levels)
-    if level is None:
-        level = float(gguf_io.field_value(reader, gguf_io.KEY_PREFIX + "default_level"))
-    matches = [i for i, v in enumerate(levels) if abs(v - level) < 1e-4]  # as the runtime matches
-    if not matches:
-        raise ValueError(
-            f"sparsity level {level:g} is not in {path}; available: {', '.join(f'{v:g}' for v in levels)}"
-        )
-    row = matches[-1]
-    info = gguf_io.describe_model(reader, path)
-    tensors = info.tensors
+    f = read_sparse_file(path)
+    row = f.level_row(level)
+    level = f.levels[row]
 
-    def pick(pattern: str) -> tuple[np.ndarray | None, ...]:
-        out = []
-        for il in range(info.n_layer):
-            t = tensors.get(pattern.format(il))
-            if t is None:
-                out.append(None)
-                continue
-            data = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)  # ggml [ne0, L]
-            out.append(data[row].copy())
-        return tuple(out)
+    def pick(kind: schema.Kind) -> tuple[np.ndarray | None, ...]:
+        return tuple(f.thresholds(kind, il, level) for il in range(f.model.n_layer))
 
     return ChessThresholds(
-        level=levels[row],
-        levels=levels,
-        ffn=pick(gguf_io.FFN_THRESH),
-        q_in=pick(gguf_io.Q_IN_THRESH),
-        o_in=pick(gguf_io.O_IN_THRESH),
+        level=level,
+        levels=tuple(f.levels),
+        ffn=pick(schema.FFN),
+        q_in=pick(schema.ATTN_Q_IN),
+        o_in=pick(schema.ATTN_O_IN),
     )
 
 
@@ -335,8 +317,7 @@ def request_logliks(model: Any, questions: Sequence[Sequence[Request]]) -> list[
     with torch.inference_mode():
         for reqs in questions:
             seqs = [list(r.tokens) for r in reqs]
-            p = _common_prefix(seqs)
-            p = min(p, min(len(r.context_tokens) for r in reqs) - 1) if len(reqs) > 1 else 0
+            p = shared_context(reqs)
             cache = None
             if p > 0:
                 cache = body(input_ids=torch.tensor([seqs[0][:p]]), use_cache=True).past_key_values
@@ -353,11 +334,3 @@ def request_logliks(model: Any, questions: Sequence[Sequence[Request]]) -> list[
                 lls.append(float(rows.gather(1, target[:, None]).sum()))
             out.append(lls)
     return out
-
-
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs[1:]):
-            return i
-    return n

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import benchmark, convert, engine, evaluate
+from . import benchmark, convert, engine, evaluate, schema
 from .evaluate import Q4_K_M_KLD, markdown_tables, write_text_atomic
 from .options import command, command_line
 
@@ -235,7 +235,9 @@ def _git_commit() -> str:
 
 
 def _run_at(report: dict, label: str, level: float) -> dict | None:
-    return next((r for r in report["runs"] if r["label"] == label and abs(r["level"] - level) < 1e-6), None)
+    return next(
+        (r for r in report["runs"] if r["label"] == label and schema.same_level(r["level"], level)), None
+    )
 
 
 def _dense(report: dict) -> dict:

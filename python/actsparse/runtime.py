@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
+from . import engine, schema
 
 
 class SparseError(ValueError):
@@ -99,7 +99,7 @@ def trace_masks(mode: str) -> None:
     _lib().actsparse_mask_trace(TRACE_MODES[mode])
 
 
-MASK_KINDS = ("ffn", "attn_q_in", "attn_o_in")  # sparse_stats' kinds, numbered as the runtime does
+MASK_KINDS = tuple(k.name for k in schema.KINDS)  # sparse_stats' kinds, numbered as the runtime does
 
 
 def recorded_masks(llm: Any) -> dict[tuple[int, str], np.ndarray]:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_io
-from .gguf_io import GGUFError, field_value
+from . import schema
+from .gguf_io import GGUFError
+from .sparse_file import read_sparse_file
 
 
 @dataclass
@@ -37,46 +38,33 @@ class SparsityInfo:
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
-    reader = gguf_io.open_gguf(path)
-    version = field_value(reader, "actsparse.format_version")
-    if version is None:
-        raise GGUFError(
-            f"{path} carries no actsparse thresholds; create them with convert_with_thresholds.py"
-        )
-    tensors = {t.name: t for t in reader.tensors}
-    arch = str(field_value(reader, "general.architecture"))
-    n_layer = int(field_value(reader, f"{arch}.block_count", 0))
-    levels = [float(x) for x in field_value(reader, "actsparse.levels", [])]
+    """What `actsparse inspect` shows of a converted file."""
+    f = read_sparse_file(path)
     layers = []
-    for il in range(n_layer):
-        t = tensors.get(gguf_io.FFN_THRESH.format(il))
-        if t is None:
+    for il in range(f.model.n_layer):
+        values = f.all_thresholds(schema.FFN, il)
+        if values is None:
             continue
-        values = np.asarray(t.data, dtype=np.float32).reshape(len(levels), -1)
         layers.append(
             LayerInfo(
                 layer=il,
-                ffn_channels=int(t.shape[0]),
-                attn_q=gguf_io.Q_IN_THRESH.format(il) in tensors,
-                attn_o=gguf_io.O_IN_THRESH.format(il) in tensors,
+                ffn_channels=int(values.shape[1]),
+                attn_q=schema.ATTN_Q_IN.thresh_name(il) in f.model.tensors,
+                attn_o=schema.ATTN_O_IN.thresh_name(il) in f.model.tensors,
                 ffn_thresh_median=[float(np.median(v)) for v in values],
             )
         )
+    c = f.calibration
     return SparsityInfo(
-        method=str(field_value(reader, "actsparse.method")),
-        levels=levels,
-        default_level=float(field_value(reader, "actsparse.default_level")),
-        n_layer=n_layer,
-        arch=arch,
-        transposed_type=str(field_value(reader, "actsparse.transposed_type", "")),
+        method=f.method,
+        levels=f.levels,
+        default_level=f.default_level,
+        n_layer=f.model.n_layer,
+        arch=f.model.arch,
+        transposed_type=f.transposed_type,
         layers=layers,
-        calibration={
-            "tokens": int(field_value(reader, "actsparse.calibration.tokens", 0)),
-            "source": str(field_value(reader, "actsparse.calibration.source", "")),
-            "sha256": str(field_value(reader, "actsparse.calibration.sha256", "")),
-            "window": int(field_value(reader, "actsparse.calibration.window", 0)),
-        },
-        format_version=int(version),
+        calibration={"tokens": c.tokens, "source": c.source, "sha256": c.sha256, "window": c.window},
+        format_version=f.format_version,
     )
 
 

@@ -86,7 +86,7 @@ __all__ = [
     "predictions",
     "question_requests",
     "request_logliks",
-    "score_questions",
+    "shared_context",
     "score_tasks",
 ]
 
@@ -170,11 +170,17 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _shared_prefix(requests: Sequence[Request], align: int) -> int:
-    """Tokens the choices share, rounded down to whole blocks of ``align`` cells (see Scorer)."""
+def shared_context(requests: Sequence[Request]) -> int:
+    """Tokens a question's choices share, up to one token before the shortest context (each
+    choice still predicts its first continuation token from its own row); 0 for one choice."""
     if len(requests) < 2:
         return 0
-    p = min(_common_prefix([r.tokens for r in requests]), min(len(r.context_tokens) for r in requests) - 1)
+    return min(_common_prefix([r.tokens for r in requests]), min(len(r.context_tokens) for r in requests) - 1)
+
+
+def _shared_prefix(requests: Sequence[Request], align: int) -> int:
+    """Tokens the choices share, rounded down to whole blocks of ``align`` cells (see Scorer)."""
+    p = shared_context(requests)
     p -= p % align
     return p if p >= 2 else 0  # (a shorter prefix would need a single-token decode)
 
@@ -481,32 +487,7 @@ def predictions(question: data.TaskQuestion, logliks: Sequence[float]) -> tuple[
     return int(np.argmax(ll)), int(np.argmax(ll / lengths))
 
 
-def _check_tasks(tasks: Sequence[str]) -> None:
-    unknown = [t for t in tasks if t not in data.CHESS_TASKS]
-    if unknown:
-        raise UnknownTaskError(
-            f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"known tasks: {', '.join(data.CHESS_TASKS)}"
-        )
-
-
-class UnknownTaskError(data.UnknownTaskError, ValueError):
-    """An unknown task name (a ValueError and a data.UnknownTaskError); the message lists the known ones."""
-
-
-def score_questions(
-    llm: Any,
-    questions: Sequence[data.TaskQuestion],
-    *,
-    sparse: float | bool | None = None,
-    add_bos: bool | None = None,
-    progress: bool = False,
-    **scorer_options: Any,
-) -> list[list[float]]:
-    """Log-likelihood of every choice of every question (shared-prefix batched path)."""
-    bos = _add_bos_default(llm) if add_bos is None else add_bos
-    reqs = [question_requests(llm, q, bos) for q in questions]
-    return request_logliks(llm, reqs, sparse=sparse, progress=progress, **scorer_options)
+UnknownTaskError = data.UnknownTaskError
 
 
 def score_tasks(
@@ -528,7 +509,7 @@ def score_tasks(
     :class:`UnknownTaskError` (a ValueError) listing the known ones.
     """
     tasks = list(tasks)
-    _check_tasks(tasks)
+    data.check_tasks(tasks)
     if not tasks:
         raise ValueError(f"no tasks given; known tasks: {', '.join(data.CHESS_TASKS)}")
     bos = _add_bos_default(llm) if add_bos is None else add_bos

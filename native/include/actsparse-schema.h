@@ -1,0 +1,66 @@
+// The sparse GGUF schema (docs/gguf-format.md) for C and C++: the contract between the converter
+// and the runtime. python/actsparse/schema.py is the same contract for Python, and
+// tests/test_schema.py checks that the two agree: change both in one commit.
+#pragma once
+
+#define ACTSPARSE_FORMAT_VERSION 1
+
+#define ACTSPARSE_KEY_FORMAT_VERSION "actsparse.format_version"
+#define ACTSPARSE_KEY_METHOD "actsparse.method"
+#define ACTSPARSE_KEY_LEVELS "actsparse.levels"
+#define ACTSPARSE_KEY_DEFAULT_LEVEL "actsparse.default_level"
+#define ACTSPARSE_KEY_ATTN "actsparse.attn"
+#define ACTSPARSE_KEY_ACTIVATION "actsparse.activation"
+#define ACTSPARSE_KEY_UP_STATISTIC "actsparse.up_statistic"
+#define ACTSPARSE_KEY_TRANSPOSED_TYPE "actsparse.transposed_type"
+#define ACTSPARSE_KEY_CALIB_SOURCE "actsparse.calibration.source"
+#define ACTSPARSE_KEY_CALIB_SHA256 "actsparse.calibration.sha256"
+#define ACTSPARSE_KEY_CALIB_TOKENS "actsparse.calibration.tokens"
+#define ACTSPARSE_KEY_CALIB_WINDOW "actsparse.calibration.window"
+#define ACTSPARSE_KEY_CALIB_SPARSE_AWARE_TOKENS "actsparse.calibration.sparse_aware_tokens"
+#define ACTSPARSE_KEY_TOOL "actsparse.tool"
+
+// Two levels are the same level when they differ by less than this.
+#define ACTSPARSE_LEVEL_TOLERANCE 1e-4
+
+// The copy-cost rule: decode reads a transposed copy only where (1 - level) of its bytes is at
+// most this share of the original's bytes; elsewhere it multiplies the original by the masked input.
+#define ACTSPARSE_SPARSE_BYTES_MARGIN 0.8
+
+// Per-layer tensor names, printf patterns of the layer index. llama.cpp's tensor table takes the
+// names without ".weight" (ACTSPARSE_TENSOR_*), the files carry the copies with it.
+#define ACTSPARSE_TENSOR_FFN_ACT_THRESH "blk.%d.ffn_act_thresh"
+#define ACTSPARSE_TENSOR_ATTN_Q_IN_THRESH "blk.%d.attn_q_in_thresh"
+#define ACTSPARSE_TENSOR_ATTN_O_IN_THRESH "blk.%d.attn_o_in_thresh"
+#define ACTSPARSE_TENSOR_FFN_DOWN_T "blk.%d.ffn_down_t"
+#define ACTSPARSE_TENSOR_ATTN_Q_T "blk.%d.attn_q_t"
+#define ACTSPARSE_TENSOR_ATTN_OUTPUT_T "blk.%d.attn_output_t"
+
+// The kinds of sparse input, numbered as the statistics, the mask trace and the Python side number them.
+enum actsparse_kind { ACTSPARSE_KIND_FFN = 0, ACTSPARSE_KIND_Q = 1, ACTSPARSE_KIND_O = 2, ACTSPARSE_N_KINDS = 3 };
+
+struct actsparse_kind_info {
+    const char * name;    // as --sparse-stats and the statistics JSON name it
+    const char * thresh;  // threshold tensor
+    const char * weight;  // the product whose input is sparsified
+    const char * copy;    // that product's transposed copy
+};
+
+static const struct actsparse_kind_info ACTSPARSE_KINDS[ACTSPARSE_N_KINDS] = {
+    { "ffn", ACTSPARSE_TENSOR_FFN_ACT_THRESH, "blk.%d.ffn_down.weight", ACTSPARSE_TENSOR_FFN_DOWN_T ".weight" },
+    { "attn_q_in", ACTSPARSE_TENSOR_ATTN_Q_IN_THRESH, "blk.%d.attn_q.weight", ACTSPARSE_TENSOR_ATTN_Q_T ".weight" },
+    { "attn_o_in", ACTSPARSE_TENSOR_ATTN_O_IN_THRESH, "blk.%d.attn_output.weight", ACTSPARSE_TENSOR_ATTN_OUTPUT_T ".weight" },
+};
+
+// Architectures whose llama.cpp graph has a separate gate, up and down projection, with the
+// gate's activation (the converter writes it as ACTSPARSE_KEY_ACTIVATION).
+struct actsparse_arch_activation {
+    const char * arch;
+    const char * activation;
+};
+
+static const struct actsparse_arch_activation ACTSPARSE_ARCH_ACTIVATION[] = {
+    { "llama", "silu" },   { "mistral3", "silu" }, { "qwen2", "silu" }, { "qwen3", "silu" },
+    { "granite", "silu" }, { "olmo2", "silu" },    { "phi3", "silu" },  { "gemma", "gelu" },
+    { "gemma2", "gelu" },  { "gemma3", "gelu" },
+};

@@ -1,0 +1,107 @@
+"""The sparse GGUF schema (docs/gguf-format.md) for Python: the contract between the converter and
+the runtime. Key names, tensor names, the kinds of sparse input, each architecture's activation,
+the level-matching tolerance and the copy-cost rule are defined here and nowhere else in Python.
+
+native/include/actsparse-schema.h is the same contract for C and C++; tests/test_schema.py checks
+that the two agree. Change both in one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+KEY_PREFIX = "actsparse."
+
+KEY_FORMAT_VERSION = "actsparse.format_version"
+KEY_METHOD = "actsparse.method"
+KEY_LEVELS = "actsparse.levels"
+KEY_DEFAULT_LEVEL = "actsparse.default_level"
+KEY_ATTN = "actsparse.attn"
+KEY_ACTIVATION = "actsparse.activation"
+KEY_UP_STATISTIC = "actsparse.up_statistic"
+KEY_TRANSPOSED_TYPE = "actsparse.transposed_type"
+KEY_CALIB_SOURCE = "actsparse.calibration.source"
+KEY_CALIB_SHA256 = "actsparse.calibration.sha256"
+KEY_CALIB_TOKENS = "actsparse.calibration.tokens"
+KEY_CALIB_WINDOW = "actsparse.calibration.window"
+KEY_CALIB_SPARSE_AWARE_TOKENS = "actsparse.calibration.sparse_aware_tokens"
+KEY_TOOL = "actsparse.tool"
+
+# Two levels are the same level when they differ by less than this (the runtime matches --sparse
+# values with it, so does every Python reader).
+LEVEL_TOLERANCE = 1e-4
+
+# The copy-cost rule: decode reads a transposed copy only where (1 - level) of its bytes is at
+# most this share of the original's bytes; elsewhere it multiplies the original by the masked input.
+SPARSE_BYTES_MARGIN = 0.8
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of sparse input: its thresholds, the product it feeds and that product's copy."""
+
+    name: str  # as --sparse-stats, the statistics JSON and the mask trace name it
+    thresh: str  # threshold tensor, "blk.{}..." formatted with the layer
+    weight: str  # the product whose input is sparsified
+    copy: str  # the product's transposed copy
+
+    def thresh_name(self, il: int) -> str:
+        return self.thresh.format(il)
+
+    def weight_name(self, il: int) -> str:
+        return self.weight.format(il)
+
+    def copy_name(self, il: int) -> str:
+        return self.copy.format(il)
+
+    @property
+    def weight_kind(self) -> str:
+        """The product's per-layer tensor name without block and suffix ("ffn_down")."""
+        return self.weight.split(".")[2]
+
+
+FFN = Kind("ffn", "blk.{}.ffn_act_thresh", "blk.{}.ffn_down.weight", "blk.{}.ffn_down_t.weight")
+ATTN_Q_IN = Kind("attn_q_in", "blk.{}.attn_q_in_thresh", "blk.{}.attn_q.weight", "blk.{}.attn_q_t.weight")
+ATTN_O_IN = Kind(
+    "attn_o_in", "blk.{}.attn_o_in_thresh", "blk.{}.attn_output.weight", "blk.{}.attn_output_t.weight"
+)
+KINDS: tuple[Kind, ...] = (FFN, ATTN_Q_IN, ATTN_O_IN)  # numbered as the runtime numbers them
+
+# Architectures whose llama.cpp graph has a separate gate, up and down projection (through
+# llm_graph_context::build_ffn with a parallel gate), with the gate's activation.
+ARCH_ACTIVATION = {
+    "llama": "silu",
+    "mistral3": "silu",
+    "qwen2": "silu",
+    "qwen3": "silu",
+    "granite": "silu",
+    "olmo2": "silu",
+    "phi3": "silu",
+    "gemma": "gelu",
+    "gemma2": "gelu",
+    "gemma3": "gelu",
+}
+
+_SUFFIXES = tuple(s for k in KINDS for s in (k.thresh[len("blk.{}") :], k.copy[len("blk.{}") :]))
+
+
+def is_sparsity_tensor(name: str) -> bool:
+    """A tensor the converter adds (thresholds or a transposed copy)."""
+    return name.startswith("blk.") and name.endswith(_SUFFIXES)
+
+
+def level_index(levels: Sequence[float], level: float) -> int | None:
+    """Where `level` is in `levels` (the last match, as the runtime picks), or None."""
+    matches = [i for i, v in enumerate(levels) if abs(v - level) < LEVEL_TOLERANCE]
+    return matches[-1] if matches else None
+
+
+def same_level(a: float, b: float) -> bool:
+    return abs(a - b) < LEVEL_TOLERANCE
+
+
+def sparse_kernel_pays(level: float, copy_bytes: float, original_bytes: float) -> bool:
+    """The copy-cost rule at a level's target sparsity."""
+    return (1.0 - level) * copy_bytes <= SPARSE_BYTES_MARGIN * original_bytes

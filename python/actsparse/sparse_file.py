@@ -1,0 +1,109 @@
+"""The one reader of a sparse GGUF (a file written by the converter, docs/gguf-format.md).
+
+Every command that reads a converted file (inspect, eval, bench, demo, the transformers
+reference) reads it through `read_sparse_file`, which validates it once and exposes its schema
+as typed fields.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_io, schema
+from .gguf_io import GGUFError, ModelInfo, field_value
+from .schema import Kind
+
+
+class NoThresholdsError(GGUFError):
+    """A valid GGUF that was never converted (a dense model)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str
+    sha256: str
+    tokens: int
+    window: int
+    sparse_aware_tokens: int
+
+
+@dataclass
+class SparseFile:
+    path: Path
+    model: ModelInfo
+    format_version: int
+    method: str
+    attn: bool
+    levels: list[float]  # as written (float32), rounded to 6 decimals
+    default_level: float
+    activation: str
+    transposed_type: str
+    calibration: Calibration
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.upper()}{'+attn' if self.attn else ''}"
+
+    def level_row(self, level: float | None = None) -> int:
+        """The row of `level` (None: the default level) in the threshold tensors."""
+        level = self.default_level if level is None else level
+        row = schema.level_index(self.levels, level)
+        if row is None:
+            available = ", ".join(f"{v:g}" for v in self.levels)
+            raise ValueError(f"sparsity level {level:g} is not in {self.path}; available: {available}")
+        return row
+
+    def has_level(self, level: float) -> bool:
+        return schema.level_index(self.levels, level) is not None
+
+    def thresholds(self, kind: Kind, il: int, level: float | None = None) -> np.ndarray | None:
+        """Layer il's thresholds of `kind` at `level` ([channels] or [1]); None where it has none."""
+        t = self.model.tensors.get(kind.thresh_name(il))
+        if t is None:
+            return None
+        data = np.asarray(t.data, dtype=np.float32).reshape(len(self.levels), -1)  # ggml [ne0, levels]
+        return data[self.level_row(level)].copy()
+
+    def all_thresholds(self, kind: Kind, il: int) -> np.ndarray | None:
+        """[levels, channels] of layer il's thresholds of `kind`."""
+        t = self.model.tensors.get(kind.thresh_name(il))
+        return None if t is None else np.asarray(t.data, dtype=np.float32).reshape(len(self.levels), -1)
+
+
+def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
+    """The converted file at `path`; GGUFError (one line) if it is not one."""
+    path = Path(path)
+    reader = gguf_io.open_gguf(path)
+    version = field_value(reader, schema.KEY_FORMAT_VERSION)
+    if version is None:
+        raise NoThresholdsError(
+            f"{path} carries no actsparse thresholds; create them with convert_with_thresholds.py"
+        )
+    levels = [round(float(v), 6) for v in field_value(reader, schema.KEY_LEVELS, [])]
+    if not levels:
+        raise GGUFError(f"{path}: no sparsity levels ({schema.KEY_LEVELS} missing or empty)")
+    info = gguf_io.describe_model(reader, path)
+    return SparseFile(
+        path=path,
+        model=info,
+        format_version=int(version),
+        method=str(field_value(reader, schema.KEY_METHOD)),
+        attn=bool(field_value(reader, schema.KEY_ATTN, False)),
+        levels=levels,
+        default_level=round(
+            float(field_value(reader, schema.KEY_DEFAULT_LEVEL, levels[len(levels) // 2])), 6
+        ),
+        activation=str(field_value(reader, schema.KEY_ACTIVATION, info.activation)),
+        transposed_type=str(field_value(reader, schema.KEY_TRANSPOSED_TYPE, "")),
+        calibration=Calibration(
+            source=str(field_value(reader, schema.KEY_CALIB_SOURCE, "")),
+            sha256=str(field_value(reader, schema.KEY_CALIB_SHA256, "")),
+            tokens=int(field_value(reader, schema.KEY_CALIB_TOKENS, 0)),
+            window=int(field_value(reader, schema.KEY_CALIB_WINDOW, 0)),
+            sparse_aware_tokens=int(field_value(reader, schema.KEY_CALIB_SPARSE_AWARE_TOKENS, 0)),
+        ),
+    )
