@@ -19,6 +19,10 @@
 #define ACTSPARSE_KEY_CALIB_WINDOW "actsparse.calibration.window"
 #define ACTSPARSE_KEY_CALIB_SPARSE_AWARE_TOKENS "actsparse.calibration.sparse_aware_tokens"
 #define ACTSPARSE_KEY_TOOL "actsparse.tool"
+// Not in files: a kv override at model load (bool). True keeps ffn_up of the layers with thresholds
+// out of the CPU backend's repacked buffers, since sparse decode reads its single rows; --sparse
+// LEVEL > 0 sets it, and without it ffn_up loads repacked as llama.cpp loads it.
+#define ACTSPARSE_KEY_PLAIN_UP_ROWS "actsparse.plain_up_rows"
 
 // Two levels are the same level when they differ by less than this.
 #define ACTSPARSE_LEVEL_TOLERANCE 1e-4

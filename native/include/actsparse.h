@@ -33,14 +33,6 @@ ACTSPARSE_API void actsparse_print_stats_at_exit(struct llama_context * ctx, boo
 // Write the statistics JSON to `path` when the context is freed (--sparse-stats-file; null: don't).
 ACTSPARSE_API void actsparse_write_stats_at_exit(struct llama_context * ctx, const char * path);
 
-// Whether models loaded from now on keep ffn_up of layers with thresholds out of the CPU
-// backend's repacked buffers (default: true). Sparse decode reads single rows of ffn_up, which
-// the repacked layouts interleave; a tool that runs the file only densely sets false and gets
-// llama.cpp's dense speed. Sparse levels stay correct either way: on a repacked ffn_up, decode
-// takes the dense product of the masked input.
-ACTSPARSE_API void actsparse_set_plain_up_rows(bool on);
-ACTSPARSE_API bool actsparse_plain_up_rows(void);
-
 // Test hook (process-wide): RECORD keeps the mask each single-token decode applied, per layer and
 // kind; REPLAY makes the following batches apply those masks, in order, instead of comparing with
 // the thresholds, so that decode and batched prefill can be compared with identical masks. OFF

@@ -2,12 +2,16 @@
 #include "actsparse-common.h"
 
 #include "actsparse.h"
+#include "actsparse-schema.h"
 #include "arg.h"
 #include "common.h"
 #include "log.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -17,12 +21,24 @@ static void drain_log_at_exit() {
     common_log_pause(common_log_main());
 }
 
+// --sparse LEVEL > 0: the model loads with ffn_up of the sparse layers in plain rows, which sparse
+// decode reads one by one (a kv override the loader reads); dense runs load it repacked.
+static void set_plain_up_rows(common_params & params, bool on) {
+    auto & ovs = params.kv_overrides;
+    ovs.erase(std::remove_if(ovs.begin(), ovs.end(),
+                             [](const llama_model_kv_override & o) { return std::strcmp(o.key, ACTSPARSE_KEY_PLAIN_UP_ROWS) == 0; }),
+              ovs.end());
+    if (!on) return;
+    llama_model_kv_override o = {};
+    std::snprintf(o.key, sizeof o.key, "%s", ACTSPARSE_KEY_PLAIN_UP_ROWS);
+    o.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+    o.val_bool = true;
+    ovs.push_back(o);
+}
+
 void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
     static const bool drain_registered = std::atexit(drain_log_at_exit) == 0;
     (void) drain_registered;
-    // a tool run without --sparse (or with --sparse 0) loads ffn_up repacked, at llama.cpp's
-    // dense speed; --sparse LEVEL keeps it in plain rows for the decode kernels
-    actsparse_set_plain_up_rows(false);
     add_opt(common_arg({ "--sparse" }, "[LEVEL]",
                        "activation sparsity (actsparse): run a model converted by convert_with_thresholds.py "
                        "with the thresholds of LEVEL (default: the file's default level); 0 = dense",
@@ -30,7 +46,7 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
                            // normally handled by actsparse_parse_sparse_arg (the value is optional)
                            params.sparse = true;
                            params.sparse_level = std::stof(value);
-                           actsparse_set_plain_up_rows(params.sparse_level != 0.0f);
+                           set_plain_up_rows(params, params.sparse_level != 0.0f);
                        }));
     add_opt(common_arg({ "--sparse-stats" },
                        "print the realized sparsity during decode (per layer and overall) at exit",
@@ -43,7 +59,7 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
 int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & params) {
     params.sparse = true;
     params.sparse_level = -1.0f;
-    actsparse_set_plain_up_rows(true);
+    set_plain_up_rows(params, true);
     if (i + 1 >= argc) {
         return 0;
     }
@@ -57,7 +73,7 @@ int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & pa
         throw std::invalid_argument(std::string("error: --sparse level must be in [0, 1), got ") + next);
     }
     params.sparse_level = v;
-    actsparse_set_plain_up_rows(v > 0.0f);
+    set_plain_up_rows(params, v > 0.0f);
     return 1;
 }
 

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -39,18 +40,31 @@ struct sparse_layer {
     ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
 };
 
-struct sparse_model {
+struct weight_ref {
+    int il;  // index into actsparse_model::layers
+    op_kind kind;
+};
+
+}  // namespace actsparse_detail
+
+using namespace actsparse_detail;
+
+// A model's sparsity, held by the model (llama_model::actsparse) and read-only after load, so
+// graph building reads it without a lock.
+struct actsparse_model {
     std::vector<float> levels;
     float default_level = 0.0f;
     actsparse_act act = ACTSPARSE_ACT_SILU;
     std::vector<sparse_layer> layers;
+    std::vector<int> layer_index;  // model layer -> index into layers, -1 where it has no thresholds
+    // The products whose input is sparse, found by weight: build_lora_mm, where attention's q and o
+    // products are built, knows no layer index.
+    std::unordered_map<const ggml_tensor *, weight_ref> by_weight;
 };
 
-struct weight_ref {
-    const sparse_model * model;
-    int il;
-    op_kind kind;
-};
+namespace actsparse_detail {
+
+typedef actsparse_model sparse_model;
 
 struct counters {
     std::atomic<uint64_t> zero{0}, total{0};
@@ -65,18 +79,14 @@ struct op_params {
     std::atomic<int> arrived{0};  // op_axpy's threads done with their partial sums
 };
 
-std::mutex g_mutex;
-std::map<const llama_model *, std::unique_ptr<sparse_model>> g_models;
-std::map<const ggml_tensor *, weight_ref> g_weights;  // ffn_down / attn_q / attn_output -> layer
-std::map<const llama_context *, std::unique_ptr<actsparse_context>> g_contexts;
-
 }  // namespace actsparse_detail
 
 using namespace actsparse_detail;
 
+// A context's sparsity, held by the context (llama_context::get_actsparse), freed with it.
 struct actsparse_context {
     const sparse_model * model = nullptr;
-    int level = -1;
+    int level = -1;  // index into model->levels; -1: dense
     bool print_at_exit = false;
     std::string stats_file;  // statistics JSON written here when the context is freed
     // Zeroed inputs per phase, per layer, per kind. Decode (one-token ubatches) is what the
@@ -148,7 +158,7 @@ static std::vector<float> read_levels(const gguf_context * meta) {
     return levels;
 }
 
-void actsparse_model_loaded(const llama_model & model, const gguf_context * meta) {
+void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
     bool any = false;
     for (const auto & L : model.layers) any |= L.ffn_act_thresh || L.attn_q_in_thresh || L.attn_o_in_thresh;
     const bool has_keys = gguf_find_key(meta, ACTSPARSE_KEY_FORMAT_VERSION) >= 0;
@@ -194,44 +204,32 @@ void actsparse_model_loaded(const llama_model & model, const gguf_context * meta
         sm->layers.push_back(sl);
     }
 
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const sparse_model * smp = sm.get();
-    for (size_t i = 0; i < smp->layers.size(); ++i) {
-        const auto & sl = smp->layers[i];
+    sm->layer_index.assign(model.layers.size(), -1);
+    for (size_t i = 0; i < sm->layers.size(); ++i) {
+        const auto & sl = sm->layers[i];
         const auto & L = model.layers[sl.il];
-        if (sl.thresh[KIND_FFN]) g_weights[L.ffn_down] = { smp, (int) i, KIND_FFN };
-        if (sl.thresh[KIND_Q])   g_weights[L.wq]       = { smp, (int) i, KIND_Q };
-        if (sl.thresh[KIND_O])   g_weights[L.wo]       = { smp, (int) i, KIND_O };
+        sm->layer_index[sl.il] = (int) i;
+        if (sl.thresh[KIND_FFN]) sm->by_weight[L.ffn_down] = { (int) i, KIND_FFN };
+        if (sl.thresh[KIND_Q])   sm->by_weight[L.wq]       = { (int) i, KIND_Q };
+        if (sl.thresh[KIND_O])   sm->by_weight[L.wo]       = { (int) i, KIND_O };
     }
-    g_models[&model] = std::move(sm);
+    delete model.actsparse;
+    model.actsparse = sm.release();
 }
 
-void actsparse_model_freed(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_models.find(model);
-    if (it == g_models.end()) return;
-    for (auto w = g_weights.begin(); w != g_weights.end();) {
-        w = w->second.model == it->second.get() ? g_weights.erase(w) : std::next(w);
-    }
-    g_models.erase(it);
+void actsparse_model_freed(llama_model * model) {
+    delete model->actsparse;
+    model->actsparse = nullptr;
 }
 
 // ---- contexts ---------------------------------------------------------------------------------
 
 static const sparse_model * find_model(const llama_model * model) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_models.find(model);
-    return it == g_models.end() ? nullptr : it->second.get();
+    return model ? model->actsparse : nullptr;
 }
 
-static std::atomic<bool> g_plain_up_rows{ true };
-
-extern "C" void actsparse_set_plain_up_rows(bool on) {
-    g_plain_up_rows = on;
-}
-
-extern "C" bool actsparse_plain_up_rows(void) {
-    return g_plain_up_rows;
+static actsparse_context * context_state(const llama_context * ctx) {
+    return ctx->get_actsparse();
 }
 
 extern "C" int actsparse_model_n_levels(const llama_model * model) {
@@ -265,8 +263,12 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
         return -1;
     };
     const sparse_model * sm = find_model(llama_get_model(ctx));
+    actsparse_context * old = context_state(ctx);
     if (level == 0.0f) {
-        ctx->set_actsparse(-1, nullptr);
+        if (old) {
+            old->level = -1;  // dense; what it counted stays readable
+            ctx->set_actsparse(old);
+        }
         return 0;
     }
     if (!sm) {
@@ -280,15 +282,13 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
         std::snprintf(buf, sizeof buf, "%g", level);
         return fail(std::string("sparsity level ") + buf + " is not in the model; available: " + levels_text(sm));
     }
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto & st = g_contexts[ctx];
-    const bool keep_print = st && st->print_at_exit;
-    const std::string keep_file = st ? st->stats_file : std::string();
-    st = std::make_unique<actsparse_context>();
+    auto st = std::make_unique<actsparse_context>();
     st->model = sm;
     st->level = idx;
-    st->print_at_exit = keep_print;
-    st->stats_file = keep_file;
+    if (old) {
+        st->print_at_exit = old->print_at_exit;
+        st->stats_file = old->stats_file;
+    }
     const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
     for (auto & phase_stats : st->stats) {
         for (size_t il = 0; il < n_layer; ++il) phase_stats.emplace_back(new counters[N_KINDS]);
@@ -306,7 +306,8 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
             }
         }
     }
-    ctx->set_actsparse(idx, st.get());
+    ctx->set_actsparse(st.release());
+    delete old;  // the graph that used it is not reused (set_actsparse defeats reuse)
     return 0;
 }
 
@@ -375,15 +376,10 @@ static std::string stats_json_members(const actsparse_context * st, int ph) {
 
 static void write_stats_file(const actsparse_context & st);
 
-void actsparse_context_freed(const llama_context * ctx) {
-    std::unique_ptr<actsparse_context> st;
-    {
-        std::lock_guard<std::mutex> lock(g_mutex);
-        auto it = g_contexts.find(ctx);
-        if (it == g_contexts.end()) return;
-        st = std::move(it->second);
-        g_contexts.erase(it);
-    }
+void actsparse_context_freed(llama_context * ctx) {
+    std::unique_ptr<actsparse_context> st(context_state(ctx));
+    if (!st) return;
+    ctx->set_actsparse(nullptr);
     if (st->print_at_exit) {
         // Decode always (the flag's promise); prefill only where batches ran under the mask.
         std::string out = stats_table(*st, PHASE_DECODE);
@@ -391,12 +387,6 @@ void actsparse_context_freed(const llama_context * ctx) {
         std::fputs(out.c_str(), stderr);
     }
     if (!st->stats_file.empty()) write_stats_file(*st);
-}
-
-static actsparse_context * context_state(llama_context * ctx) {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_contexts.find(ctx);
-    return it == g_contexts.end() ? nullptr : it->second.get();
 }
 
 extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
@@ -788,28 +778,24 @@ static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, co
     return (1.0 - s) * (double) ggml_nbytes(wt) <= SPARSE_BYTES_MARGIN * (double) ggml_nbytes(w);
 }
 
-static bool lookup(const ggml_tensor * w, actsparse_context * st, op_kind kind, phase ph, op_params *& p,
-                   const sparse_layer *& sl) {
-    if (!st || st->level < 0 || !w) return false;
-    weight_ref ref;
-    {
-        std::lock_guard<std::mutex> lock(g_mutex);
-        auto it = g_weights.find(w);
-        if (it == g_weights.end() || it->second.model != st->model || it->second.kind != kind) return false;
-        ref = it->second;
-    }
-    sl = &st->model->layers[ref.il];
-    p = st->by_layer_kind[ph].at({ ref.il, kind });
+// The sparse layer at `index` (into model->layers) and its op parameters, where it has `kind`.
+static bool layer_ops(actsparse_context * st, int index, op_kind kind, phase ph, op_params *& p,
+                      const sparse_layer *& sl) {
+    if (index < 0) return false;
+    sl = &st->model->layers[index];
+    p = st->by_layer_kind[ph].at({ index, kind });
     return sl->thresh[kind] != nullptr;
 }
 
 ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_tensor * up, ggml_tensor * gate,
-                                  ggml_tensor * down, bool plain_gated, int64_t n_tokens,
+                                  ggml_tensor * down, bool plain_gated, int64_t n_tokens, int il,
                                   actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
     const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
-    if (!plain_gated || !up || !gate || !lookup(down, st, KIND_FFN, ph, p, sl)) return nullptr;
+    if (!st || st->level < 0 || il < 0 || il >= (int) st->model->layer_index.size()) return nullptr;
+    if (!plain_gated || !up || !gate || !layer_ops(st, st->model->layer_index[il], KIND_FFN, ph, p, sl)) return nullptr;
+    GGML_ASSERT(st->model->by_weight.count(down) && "build_ffn's layer index and down weight disagree");
     ggml_tensor * thr = sl->thresh[KIND_FFN];
     // a = act(W_gate x) with ggml's vectorised op (the same formulas the thresholds were measured on)
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
@@ -846,15 +832,12 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
                                  actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
-    op_kind kind;
-    {
-        std::lock_guard<std::mutex> lock(g_mutex);
-        auto it = st && st->level >= 0 ? g_weights.find(w) : g_weights.end();
-        if (it == g_weights.end() || it->second.kind == KIND_FFN) return nullptr;
-        kind = it->second.kind;
-    }
+    if (!st || st->level < 0) return nullptr;
+    const auto it = st->model->by_weight.find(w);
+    if (it == st->model->by_weight.end() || it->second.kind == KIND_FFN) return nullptr;
+    const op_kind kind = it->second.kind;
     const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
-    if (!lookup(w, st, kind, ph, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
+    if (!layer_ops(st, it->second.il, kind, ph, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
     if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {

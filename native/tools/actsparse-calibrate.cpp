@@ -433,6 +433,12 @@ int main(int argc, char ** argv) {
     llama_backend_init();
 
     llama_model_params mp = llama_model_default_params();
+    // ffn_up in plain rows, as the sparse runtime loads it: the statistics see its products
+    llama_model_kv_override overrides[2] = {};
+    std::snprintf(overrides[0].key, sizeof overrides[0].key, "%s", ACTSPARSE_KEY_PLAIN_UP_ROWS);
+    overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+    overrides[0].val_bool = true;
+    mp.kv_overrides = overrides;
     llama_model * model = llama_model_load_from_file(o.model.c_str(), mp);
     if (!model) die("cannot load model " + o.model);
     const llama_vocab * vocab = llama_model_get_vocab(model);

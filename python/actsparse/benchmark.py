@@ -31,7 +31,7 @@ import numpy as np
 
 from . import engine, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
-from .options import command
+from .options import add_command
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,8 @@ def machine_info(measure_bandwidth: bool = True) -> dict[str, Any]:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="dense against sparse decode/prefill speed, next to the ceiling")
-    add_arguments(p)
-    p.set_defaults(func=command(BenchOptions, run))
+    help = "dense against sparse decode/prefill speed, next to the ceiling"
+    add_command(sub, "bench", add_arguments, BenchOptions, run, help=help)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

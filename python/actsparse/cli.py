@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__, convert, sparsity_info
-from .options import command
+from .options import add_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,9 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"actsparse {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="calibrate thresholds and write a sparse GGUF")
-    convert.add_arguments(c)
-    c.set_defaults(func=command(convert.ConvertOptions, convert.run))
+    add_command(sub, "convert", convert.add_arguments, convert.ConvertOptions, convert.run,
+                help="calibrate thresholds and write a sparse GGUF")  # fmt: skip
 
     sparsity_info.add_cli(sub)
 

@@ -20,7 +20,7 @@ from typing import Any
 from . import benchmark, convert, engine, evaluate, models, registry, schema, tool_output
 from .evaluate import Q4_K_M_KLD
 from .gguf_io import GGUFError
-from .options import command
+from .options import add_command
 from .sparse_file import read_sparse_file
 
 PROMPT = "The three most important ideas in the history of science are"
@@ -65,13 +65,10 @@ def generate(
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
+    add_command(
+        sub, "demo", add_arguments, DemoOptions, run, description=__doc__.split("\n\n")[1],
         help="fetch the default model, convert it, generate dense and sparse, measure speed and quality",
-        description=__doc__.split("\n\n")[1],
-    )
-    add_arguments(p)
-    p.set_defaults(func=command(DemoOptions, run))
+    )  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import __version__, engine, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
-from .options import command, command_line
+from .options import add_command, command_line
 from .sparse_file import NoThresholdsError, SparseFile, read_sparse_file
 from .tool_output import ToolOutputError
 
@@ -179,13 +179,10 @@ def task_scores(
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
+    add_command(
+        sub, "eval", add_arguments, EvalOptions, run, description=__doc__.split("\n\n")[0],
         help="perplexity, KL divergence and zero-shot tasks: dense against each sparsity level",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_arguments(p)
-    p.set_defaults(func=command(EvalOptions, run))
+    )  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,21 @@ def command(cls: type[T], run: Callable[[T], int]) -> Callable[[argparse.Namespa
     return lambda ns: run(from_args(cls, ns))
 
 
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    cls: type[T],
+    run: Callable[[T], int],
+    **parser_kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand whose parser fills `cls` and runs `run` with it."""
+    p = sub.add_parser(name, **parser_kwargs)
+    add_arguments(p)
+    p.set_defaults(func=command(cls, run))
+    return p
+
+
 def option_dests(parser: argparse.ArgumentParser) -> set[str]:
     return {a.dest for a in parser._actions if a.dest not in _NOT_OPTIONS and a.dest != argparse.SUPPRESS}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import benchmark, convert, engine, evaluate, schema
 from .evaluate import Q4_K_M_KLD, markdown_tables, write_text_atomic
-from .options import command, command_line
+from .options import add_command, command_line
 
 TARGET_TASK_DROP_POINTS = 1.5
 TARGET_PPL_INCREASE = 0.05
@@ -60,9 +60,8 @@ class ReportOptions:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="measure everything and write docs/results.md", description=__doc__)
-    add_arguments(p)
-    p.set_defaults(func=command(ReportOptions, run))
+    help = "measure everything and write docs/results.md"
+    add_command(sub, "report", add_arguments, ReportOptions, run, help=help, description=__doc__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -122,6 +122,9 @@ def recorded_masks(llm: Any) -> dict[tuple[int, str], np.ndarray]:
 
 def Llama(model_path: str, sparse: float | bool | None = None, **kwargs: Any) -> Any:  # noqa: N802
     """A llama_cpp.Llama on this project's libllama, running at `sparse` (see enable_sparse)."""
-    llm = engine.llama_cpp().Llama(model_path=str(model_path), **kwargs)
+    # ffn_up of the sparse layers in plain rows, which sparse decode reads one by one (a kv
+    # override the patched loader reads), so that any level can be selected later
+    overrides = {schema.KEY_PLAIN_UP_ROWS: True, **(kwargs.pop("kv_overrides", None) or {})}
+    llm = engine.llama_cpp().Llama(model_path=str(model_path), kv_overrides=overrides, **kwargs)
     enable_sparse(llm, sparse)
     return llm

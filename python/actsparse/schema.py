@@ -28,6 +28,9 @@ KEY_CALIB_TOKENS = "actsparse.calibration.tokens"
 KEY_CALIB_WINDOW = "actsparse.calibration.window"
 KEY_CALIB_SPARSE_AWARE_TOKENS = "actsparse.calibration.sparse_aware_tokens"
 KEY_TOOL = "actsparse.tool"
+# Not in files: a kv override at model load (bool) that keeps ffn_up of the layers with thresholds
+# out of the CPU backend's repacked buffers, since sparse decode reads its single rows.
+KEY_PLAIN_UP_ROWS = "actsparse.plain_up_rows"
 
 # Two levels are the same level when they differ by less than this (the runtime matches --sparse
 # values with it, so does every Python reader).
