@@ -5,7 +5,10 @@
     actsparse.enable_sparse(existing_llama, 0.5)             # an existing llama_cpp.Llama
 
 The binding's C structs are untouched: the level is set through actsparse_set_sparse(), which our
-libllama exports (native/include/actsparse.h).
+libllama exports (native/include/actsparse.h). A llama_cpp.Llama made elsewhere runs sparse levels
+correctly too, but its decode reads single ffn_up rows only if it was loaded with
+kv_overrides={"actsparse.plain_up_rows": True}, as actsparse.Llama loads it; otherwise ffn_up sits
+in the CPU backend's repacked buffers and decode multiplies it densely.
 """
 
 from __future__ import annotations
