@@ -794,8 +794,11 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     const sparse_layer * sl = nullptr;
     const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
     if (!st || st->level < 0 || il < 0 || il >= (int) st->model->layer_index.size()) return nullptr;
-    if (!plain_gated || !up || !gate || !layer_ops(st, st->model->layer_index[il], KIND_FFN, ph, p, sl)) return nullptr;
-    GGML_ASSERT(st->model->by_weight.count(down) && "build_ffn's layer index and down weight disagree");
+    const int index = st->model->layer_index[il];
+    // only the layer's own FFN (an architecture may build other FFNs, e.g. shared experts, at the same il)
+    const auto own = st->model->by_weight.find(down);
+    if (own == st->model->by_weight.end() || own->second.il != index || own->second.kind != KIND_FFN) return nullptr;
+    if (!plain_gated || !up || !gate || !layer_ops(st, index, KIND_FFN, ph, p, sl)) return nullptr;
     ggml_tensor * thr = sl->thresh[KIND_FFN];
     // a = act(W_gate x) with ggml's vectorised op (the same formulas the thresholds were measured on)
     ggml_tensor * g = ggml_mul_mat(ctx0, gate, cur);
