@@ -72,6 +72,7 @@ __all__ = [
     "UnknownCorpusError",
     "UnknownTaskError",
     "check_tasks",
+    "unknown_tasks",
     "calibration_corpus",
     "calibration_text",
     "corpus_sha256",
@@ -439,9 +440,14 @@ def _by_choice(task: str, doc_id: int, rows: list[dict[str, Any]]) -> list[dict[
     return rows
 
 
+def unknown_tasks(names: Sequence[str]) -> list[str]:
+    """The names that are not CHESS tasks."""
+    return [n for n in names if n not in CHESS_TASKS]
+
+
 def check_tasks(names: Sequence[str]) -> None:
     """UnknownTaskError naming every name that is not a CHESS task, and listing the known ones."""
-    unknown = [n for n in names if n not in CHESS_TASKS]
+    unknown = unknown_tasks(names)
     if unknown:
         raise UnknownTaskError(
             f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "

@@ -218,14 +218,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_tasks(spec: str) -> list[str]:
-    from .data import CHESS_TASKS, check_tasks
+    from .data import CHESS_TASKS, unknown_tasks
 
     if spec == "none":
         return []
     if spec == "all":
         return list(CHESS_TASKS)
     names = [x.strip() for x in spec.split(",") if x.strip()]
-    check_tasks(names)
+    unknown = unknown_tasks(names)
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(unknown)}; known: {', '.join(CHESS_TASKS)}")
     return names
 
 
