@@ -102,7 +102,7 @@ def test_calibrator_computes_the_activation_as_the_runtime_does(
     derive_arch(small_model_path, "gemma", src)
     stats = calibration.collect(
         src, calibration_corpus().text[:20000], tokens=128, window=128, threads=2, chess=False,
-        dump_layers=(0, 17), dump_tokens=128, progress=False,
+        dump_layers=(0, 17), dump_tokens=128,
     )  # fmt: skip
     assert stats.activation == "gelu"
     for il in (0, 17):

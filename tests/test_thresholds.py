@@ -63,7 +63,7 @@ def test_engine_thresholds_equal_their_definition(small_model_path, tmp_path) ->
     text = calibration_corpus().text[:20000]
     stats = calibration.collect(
         small_model_path, text, tokens=256, window=128, threads=2, chess=True,
-        dump_layers=layers, dump_tokens=256, progress=False,
+        dump_layers=layers, dump_tokens=256,
     )  # fmt: skip
     assert stats.tokens == 256
     levels = [0.3, 0.5, 0.7]

@@ -2,13 +2,19 @@
 #pragma once
 
 #include <functional>
+#include <vector>
 
 struct common_arg;
 struct common_params;
 struct llama_context;
 
-// Registers --sparse [LEVEL] and --sparse-stats for --help and the parser.
+// Registers --sparse [LEVEL], --sparse-stats and the tool's own options (actsparse_add_tool_args)
+// for --help and the parser.
 void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt);
+
+// Options of one of our tools, parsed by llama.cpp's common parser with the rest; call before
+// common_params_parse.
+void actsparse_add_tool_args(std::vector<common_arg> args);
 
 // Parses "--sparse" at argv[i] with its optional LEVEL; returns how many extra arguments it took.
 int actsparse_parse_sparse_arg(int argc, char ** argv, int i, common_params & params);

@@ -36,9 +36,21 @@ static void set_plain_up_rows(common_params & params, bool on) {
     ovs.push_back(o);
 }
 
+static std::vector<common_arg> & tool_args() {
+    static std::vector<common_arg> args;
+    return args;
+}
+
+void actsparse_add_tool_args(std::vector<common_arg> args) {
+    tool_args() = std::move(args);
+}
+
 void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
     static const bool drain_registered = std::atexit(drain_log_at_exit) == 0;
     (void) drain_registered;
+    for (const common_arg & a : tool_args()) {
+        add_opt(a);
+    }
     add_opt(common_arg({ "--sparse" }, "[LEVEL]",
                        "activation sparsity (actsparse): run a model converted by convert_with_thresholds.py "
                        "with the thresholds of LEVEL (default: the file's default level); 0 = dense",

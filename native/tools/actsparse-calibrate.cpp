@@ -2,21 +2,24 @@
 // from, by running a GGUF model on calibration text in this llama.cpp build (in the manner of
 // llama-imatrix: an eval callback reads the graph's named intermediate tensors).
 //
-// Pass 1 (always):  per layer, sum |u_i| per FFN channel (u = W_up x, "ffn_up-N"),
-//                   histogram of |a| (a = act(W_gate x), "ffn_gate-N" through the activation),
-//                   histograms of |x| at the input of W_q ("attn_norm-N") and of W_o ("kqv_out-N").
-// Pass 2 (--chess): per layer, histogram of the CHESS score |a_i| * E|u_i| over the same tokens.
+// One pass over the text collects, per layer: sum |u_i| per FFN channel (u = W_up x, "ffn_up-N"),
+// the histogram of |a| (a = act(W_gate x), "ffn_gate-N" through the activation), histograms of |x|
+// at the input of W_q ("attn_norm-N") and of W_o ("kqv_out-N"), and for CHESS a coarse histogram of
+// |a_i| per channel. The CHESS score |a_i| * E|u_i| needs E|u_i|, known only at the end: its
+// histogram is then built from the per-channel ones (see score_hist_from_channels).
 //
 // --sparse LEVEL runs a model that carries thresholds at that level, so that each layer's statistics
 // are those of the runtime, whose earlier layers are sparse. With --mean-abs-up STATS.gguf (E|u_i|
-// of an earlier run) a single pass collects everything but E|u_i|: the converter re-takes each
+// of an earlier run) the score histogram is collected directly: the converter re-takes each
 // level's quantiles that way without moving the per-channel shape of the CHESS thresholds.
 //
 // Histograms have one bin per bfloat16 value (the top 16 bits of the float), so a quantile taken
 // from them is exact up to linear interpolation inside a bin of relative width 2^-7.
 //
+// The graph is cut after the last layer's statistics: no output layer and no logits are computed.
+//
 // Output: a GGUF of F64 tensors (see docs/gguf-format.md, "calibration statistics").
-// Progress goes to stderr as lines "progress PASS DONE TOTAL" for the Python front end.
+// Progress goes to stderr as lines "progress DONE TOTAL" for the Python front end.
 
 #include "gguf.h"
 #include "ggml.h"
@@ -25,8 +28,12 @@
 #include "llama.h"
 #include "actsparse.h"
 #include "actsparse-schema.h"
+#include "actsparse-common.h"
+#include "arg.h"
+#include "common.h"
 
 #include <cerrno>
+#include <clocale>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -37,11 +44,15 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+#include <atomic>
+#include <algorithm>
 
 namespace {
 
 constexpr int N_BINS = 1 << 15;  // sign-less bfloat16 bit patterns
+constexpr int64_t LOGITS_BUDGET = 64ll << 20;  // bytes of logits per decode (the chunk size follows)
 
 enum class activation { silu, gelu };
 
@@ -76,20 +87,19 @@ struct activation_op {
     }
 };
 
+// The calibrator's own options; the rest (-m, -f, -o, -c, -t, -ub, --sparse, ...) are llama.cpp's
+// common ones, in common_params.
 struct options {
-    std::string model;
-    std::string text_file;
-    std::string out_file;
     int         n_tokens   = 65536;
-    int         window     = 512;
-    int         n_threads  = 2;
+    int         window     = 512;   // -c
+    int         n_threads  = 2;     // -t
     bool        chess      = true;
     std::string source;         // name and sha256 of the text, recorded so saved statistics
     std::string source_sha256;  // can be reused by a later conversion without re-reading it
     std::set<int> dump_layers;
     int         dump_tokens = 0;
-    float       sparse = 0.0f;        // run at this sparsity level of the model's thresholds (0: dense)
-    std::string mean_abs_up_file;     // E|u_i| from these statistics instead of a first pass
+    float       sparse = 0.0f;        // the level the model runs at (0: dense)
+    std::string mean_abs_up_file;     // E|u_i| from these statistics: the scores collected directly
 };
 
 struct layer_stats {
@@ -98,20 +108,25 @@ struct layer_stats {
     std::vector<double> hist_score;         // |a| * m
     std::vector<double> hist_q_in;          // |x| entering W_q
     std::vector<double> hist_o_in;          // |x| entering W_o
-    std::vector<double> mean_abs_up;        // m_i, fixed after pass 1 (or given)
+    std::vector<uint32_t> channel_hist;     // [n_ff][CHANNEL_BINS] of |a_i| (CHESS, one pass)
+    std::vector<double> mean_abs_up;        // m_i, given by --mean-abs-up
     std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
     int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
 };
 
+// What the pass collects: everything from the dense model, or (--mean-abs-up) everything but E|u_i|.
+enum class pass_kind { dense, given_mean_abs_up };
+
 struct collector {
     activation act = activation::silu;
     activation_op act_op;
-    int pass = 1;
+    pass_kind pass = pass_kind::dense;
     std::vector<layer_stats> layers;
     const options * opt = nullptr;
     std::vector<float> buf;
     std::string error;
+    int last_layer_seen = 0;  // kinds of the last layer seen in this batch (a bit each)
 };
 
 inline int bf16_bin(float v) {
@@ -119,6 +134,83 @@ inline int bf16_bin(float v) {
     v = std::fabs(v);
     std::memcpy(&bits, &v, sizeof bits);
     return (int) (bits >> 16) & (N_BINS - 1);
+}
+
+inline double bf16_edge(int bin) {  // lower edge of a bf16 bin
+    const uint32_t bits = (uint32_t) bin << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+// Per-channel histograms of |a_i|: 8 bins per octave (the float's exponent and top 3 mantissa
+// bits) from 2^-20 to 2^12. Smaller values share bin 0, larger ones the last bin.
+constexpr int CHANNEL_SHIFT = 20;
+constexpr int CHANNEL_FIRST = (127 - 20) << 3;
+constexpr int CHANNEL_BINS = 32 << 3;
+
+inline int channel_bin(float v) {
+    uint32_t bits;
+    v = std::fabs(v);
+    std::memcpy(&bits, &v, sizeof bits);
+    const int b = (int) (bits >> CHANNEL_SHIFT) - CHANNEL_FIRST;
+    return b < 0 ? 0 : (b >= CHANNEL_BINS ? CHANNEL_BINS - 1 : b);
+}
+
+
+// The fine (bf16) bins a channel bin covers: [first, end).
+inline int channel_bin_first_fine(int bin) { return bin == 0 ? 0 : (bin + CHANNEL_FIRST) << 4; }
+inline int channel_bin_end_fine(int bin) {
+    return bin == CHANNEL_BINS - 1 ? 0x7F80 : (bin + 1 + CHANNEL_FIRST) << 4;  // 0x7F80: +inf
+}
+
+// Adds `count` values spread uniformly over [lo, hi) to a bf16 histogram.
+void spread(std::vector<double> & hist, double lo, double hi, double count) {
+    if (!(hi > lo)) { hist[bf16_bin((float) lo)] += count; return; }
+    const double per_unit = count / (hi - lo);
+    for (int f = bf16_bin((float) lo); f < N_BINS - 1; ++f) {
+        const double e0 = bf16_edge(f), e1 = bf16_edge(f + 1);
+        const double overlap = std::min(hi, e1) - std::max(lo, e0);
+        if (overlap > 0) hist[f] += overlap * per_unit;
+        if (e1 >= hi) break;
+    }
+}
+
+// The histogram of the scores |a_i| * m_i, from the per-channel histograms of |a_i|. Inside a
+// channel bin, the channel's values are taken to be distributed as the whole layer's are (the fine
+// histogram of |a|): the activation shapes every channel alike (SiLU piles |a| up near 0.278, its
+// minimum), which a uniform density inside a coarse bin would miss. Each fine bin's share is then
+// spread uniformly over its range times m_i.
+void score_hist_from_channels(const std::vector<uint32_t> & channel_hist, const std::vector<double> & m,
+                              const std::vector<double> & act_hist, std::vector<double> & score) {
+    struct share { int fine; double weight; };
+    std::vector<std::vector<share>> shares(CHANNEL_BINS);
+    for (int b = 0; b < CHANNEL_BINS; ++b) {
+        double total = 0.0;
+        for (int f = channel_bin_first_fine(b); f < channel_bin_end_fine(b); ++f) total += act_hist[f];
+        for (int f = channel_bin_first_fine(b); f < channel_bin_end_fine(b); ++f)
+            if (act_hist[f] > 0) shares[b].push_back({ f, act_hist[f] / total });
+    }
+    score.assign(N_BINS, 0.0);
+    for (size_t i = 0; i < m.size(); ++i) {
+        const uint32_t * h = channel_hist.data() + i * CHANNEL_BINS;
+        for (int b = 0; b < CHANNEL_BINS; ++b) {
+            if (!h[b]) continue;
+            for (const share & sh : shares[b])
+                spread(score, bf16_edge(sh.fine) * m[i], bf16_edge(sh.fine + 1) * m[i], h[b] * sh.weight);
+        }
+    }
+}
+
+// Runs fn(begin, end) over [0, n) split among n_threads threads (the collector's work on a batch's
+// activations while ggml's own threads wait between graph parts).
+template <typename F> void parallel_for(int n_threads, int64_t n, F && fn) {
+    n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, n / 64));
+    if (n_threads == 1) { fn((int64_t) 0, n); return; }
+    std::vector<std::thread> workers;
+    for (int t = 1; t < n_threads; ++t) workers.emplace_back(fn, n * t / n_threads, n * (t + 1) / n_threads);
+    fn((int64_t) 0, n / n_threads);
+    for (auto & w : workers) w.join();
 }
 
 bool parse_name(const char * name, const char * prefix, int & il) {
@@ -143,6 +235,19 @@ node_kind classify(const char * name, int & il) {
     if (parse_name(name, "attn_norm", il)) return node_kind::q_in;
     if (parse_name(name, "kqv_out", il))   return node_kind::o_in;
     return node_kind::none;
+}
+
+bool wanted(pass_kind pass, node_kind kind) {
+    return kind != node_kind::none && (pass == pass_kind::dense || kind != node_kind::up);
+}
+
+int kind_bit(node_kind kind) { return 1 << (int) kind; }
+
+int wanted_bits(pass_kind pass) {
+    int bits = 0;
+    for (node_kind k : { node_kind::up, node_kind::gate, node_kind::q_in, node_kind::o_in })
+        if (wanted(pass, k)) bits |= kind_bit(k);
+    return bits;
 }
 
 // Copies a node's output to host floats (rows of ne[0]) and returns the row count.
@@ -170,15 +275,61 @@ void add_hist(std::vector<double> & hist, const float * x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) hist[bf16_bin(x[i])] += 1.0;
 }
 
+// Channels are visited in blocks, so that a block's histograms stay in cache over the rows.
+constexpr int64_t CHANNEL_BLOCK = 64;
+
+void add_gate_stats(collector & c, layer_stats & L, const float * a, int64_t ne0, int64_t nrows) {
+    const bool per_channel = c.pass == pass_kind::dense && c.opt->chess;
+    const bool scores = c.pass == pass_kind::given_mean_abs_up && c.opt->chess;
+    if (per_channel && L.channel_hist.empty()) L.channel_hist.assign((size_t) ne0 * CHANNEL_BINS, 0);
+    if (L.hist_act.empty()) L.hist_act.assign(N_BINS, 0.0);
+    if (scores && L.hist_score.empty()) L.hist_score.assign(N_BINS, 0.0);
+    const int64_t n_blocks = (ne0 + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    const int n_threads = c.opt->n_threads;
+    std::vector<std::vector<double>> act_part(n_threads), score_part(n_threads);
+    std::atomic<int> next_part{0};
+    parallel_for(n_threads, n_blocks, [&](int64_t b0, int64_t b1) {
+        const int part = next_part++;
+        std::vector<double> & act = act_part[part];
+        std::vector<double> & score = score_part[part];
+        act.assign(N_BINS, 0.0);
+        if (scores) score.assign(N_BINS, 0.0);
+        const int64_t i0 = b0 * CHANNEL_BLOCK, i1 = std::min(ne0, b1 * CHANNEL_BLOCK);
+        for (int64_t j0 = i0; j0 < i1; j0 += CHANNEL_BLOCK) {
+            const int64_t j1 = std::min(i1, j0 + CHANNEL_BLOCK);
+            for (int64_t r = 0; r < nrows; ++r) {
+                const float * row = a + r * ne0;
+                for (int64_t i = j0; i < j1; ++i) {
+                    act[bf16_bin(row[i])] += 1.0;
+                    if (per_channel) ++L.channel_hist[(size_t) i * CHANNEL_BINS + channel_bin(row[i])];
+                    if (scores) score[bf16_bin(row[i] * (float) L.mean_abs_up[i])] += 1.0;
+                }
+            }
+        }
+    });
+    for (int p = 0; p < next_part; ++p)
+        for (int k = 0; k < N_BINS; ++k) {
+            L.hist_act[k] += act_part[p][k];
+            if (scores) L.hist_score[k] += score_part[p][k];
+        }
+    L.n_tok_act += nrows;
+}
+
+void add_up_stats(collector & c, layer_stats & L, const float * u, int64_t ne0, int64_t nrows) {
+    if (L.n_ff == 0) { L.n_ff = ne0; L.sum_abs_up.assign(ne0, 0.0); }
+    parallel_for(c.opt->n_threads, ne0, [&](int64_t i0, int64_t i1) {
+        for (int64_t r = 0; r < nrows; ++r)
+            for (int64_t i = i0; i < i1; ++i) L.sum_abs_up[i] += std::fabs(u[r * ne0 + i]);
+    });
+    L.n_tok_up += nrows;
+}
+
 bool on_node(ggml_tensor * t, bool ask, void * user_data) {
     auto * c = (collector *) user_data;
     int il = -1;
     const node_kind kind = classify(t->name, il);
     if (ask) {
-        if (kind == node_kind::none || t->type != GGML_TYPE_F32) return false;
-        if (c->pass == 2) return kind == node_kind::gate;
-        if (c->pass == 3) return kind != node_kind::up;
-        return true;
+        return t->type == GGML_TYPE_F32 && wanted(c->pass, kind);
     }
     if (kind == node_kind::none || il < 0 || il >= (int) c->layers.size() || !c->error.empty()) {
         return true;
@@ -196,37 +347,28 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
     }
 
     auto dump = [&](std::vector<float> & dst) {
-        if (c->pass != 1 || !c->opt->dump_layers.count(il)) return;
+        if (c->pass != pass_kind::dense || !c->opt->dump_layers.count(il)) return;
         const int64_t have = (int64_t) dst.size() / ne0;
         const int64_t take = std::min<int64_t>(nrows, c->opt->dump_tokens - have);
         if (take > 0) dst.insert(dst.end(), x, x + take * ne0);
     };
 
     switch (kind) {
-        case node_kind::up: {
-            if (L.n_ff == 0) { L.n_ff = ne0; L.sum_abs_up.assign(ne0, 0.0); }
-            if (L.n_ff != ne0) { c->error = "inconsistent ffn_up width"; return false; }
-            for (int64_t r = 0; r < nrows; ++r)
-                for (int64_t i = 0; i < ne0; ++i) L.sum_abs_up[i] += std::fabs(x[r * ne0 + i]);
-            L.n_tok_up += nrows;
+        case node_kind::up:
+            if (L.n_ff != 0 && L.n_ff != ne0) { c->error = "inconsistent ffn_up width"; return false; }
+            add_up_stats(*c, L, x, ne0, nrows);
             dump(L.dump_up);
-        } break;
+            break;
         case node_kind::gate: {
             std::vector<float> & a = c->buf;
             dump(L.dump_gate);  // the pre-activation, before it is overwritten
             c->act_op.apply(c->act, a.data(), ne0, nrows, c->opt->n_threads);
-            if (c->pass != 2) {
-                add_hist(L.hist_act, a.data(), ne0 * nrows);
-                L.n_tok_act += nrows;
-                dump(L.dump_act);
+            if (c->pass == pass_kind::given_mean_abs_up && c->opt->chess && (int64_t) L.mean_abs_up.size() != ne0) {
+                c->error = "ffn_gate/ffn_up width mismatch";
+                return false;
             }
-            if (c->pass != 1) {
-                if ((int64_t) L.mean_abs_up.size() != ne0) { c->error = "ffn_gate/ffn_up width mismatch"; return false; }
-                if (L.hist_score.empty()) L.hist_score.assign(N_BINS, 0.0);
-                for (int64_t r = 0; r < nrows; ++r)
-                    for (int64_t i = 0; i < ne0; ++i)
-                        L.hist_score[bf16_bin(a[r * ne0 + i] * (float) L.mean_abs_up[i])] += 1.0;
-            }
+            add_gate_stats(*c, L, a.data(), ne0, nrows);
+            dump(L.dump_act);
         } break;
         case node_kind::q_in:
             L.n_q_in = ne0;
@@ -240,87 +382,80 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
             break;
         default: break;
     }
+    // the rest of the graph (the output layer and its logits) computes nothing the statistics use
+    if (il == (int) c->layers.size() - 1) {
+        c->last_layer_seen |= kind_bit(kind);
+        if (c->last_layer_seen == wanted_bits(c->pass)) return false;
+    }
     return true;
 }
 
-[[noreturn]] void die(const std::string & msg) {
+[[noreturn]] void fail(const std::string & msg) {
     std::fprintf(stderr, "error: %s\n", msg.c_str());
     std::exit(2);
 }
 
-void print_usage() {
+void print_usage(int, char ** argv) {
     std::printf(
-        "usage: actsparse-calibrate -m MODEL.gguf -f TEXT -o STATS.gguf [options]\n\n"
+        "\nusage: %s -m MODEL.gguf -f TEXT -o STATS.gguf [--calib-tokens N] [-c WINDOW] [-t N] [options]\n\n"
         "Runs MODEL on calibration text and writes the activation statistics that CHESS and CATS\n"
-        "thresholds are computed from (normally called by convert_with_thresholds.py).\n\n"
-        "  -m, --model PATH        GGUF model\n"
-        "  -f, --file PATH         calibration text (UTF-8)\n"
-        "  -o, --output PATH       statistics GGUF to write\n"
-        "  -n, --tokens N          calibration tokens (default 65536)\n"
-        "  -c, --window N          tokens per window, each evaluated from an empty cache (default 512)\n"
-        "  -t, --threads N         threads (default 2)\n"
-        "      --cats-only         skip the second pass (CHESS scores)\n"
-        "      --sparse LEVEL      run at this sparsity level of MODEL's thresholds\n"
-        "      --mean-abs-up PATH  take E|u_i| from these statistics; one pass collects the rest\n"
-        "      --source NAME       name of the calibration text, stored in the statistics\n"
-        "      --source-sha256 HEX its sha256, stored in the statistics\n"
-        "      --dump-layers L,..  also store raw activations of these layers (for tests)\n"
-        "      --dump-tokens N     tokens to store per dumped layer (default 0)\n"
-        "  -h, --help              this help\n");
+        "thresholds are computed from (normally called by convert_with_thresholds.py). Windows of -c\n"
+        "tokens (default 512), each from an empty cache, are spread evenly over the text.\n\n",
+        argv[0]);
 }
 
-int parse_int(const char * flag, const char * v) {
+options g_opt;  // filled by the parser's handlers (plain function pointers)
+
+int parse_count(const std::string & flag, const std::string & v) {
     char * end = nullptr;
     errno = 0;
-    const long x = std::strtol(v, &end, 10);
-    if (errno || end == v || *end || x < 0 || x > (1L << 30)) die(std::string("invalid value for ") + flag + ": " + v);
+    const long x = std::strtol(v.c_str(), &end, 10);
+    if (errno || end == v.c_str() || *end || x < 0 || x > (1L << 30)) {
+        throw std::invalid_argument("invalid value for " + flag + ": " + v);
+    }
     return (int) x;
 }
 
-options parse_args(int argc, char ** argv) {
-    options o;
-    for (int i = 1; i < argc; ++i) {
-        const std::string a = argv[i];
-        auto next = [&]() -> const char * {
-            if (i + 1 >= argc) die("missing value for " + a);
-            return argv[++i];
-        };
-        if (a == "-h" || a == "--help") { print_usage(); std::exit(0); }
-        else if (a == "-m" || a == "--model") o.model = next();
-        else if (a == "-f" || a == "--file") o.text_file = next();
-        else if (a == "-o" || a == "--output") o.out_file = next();
-        else if (a == "-n" || a == "--tokens") o.n_tokens = parse_int(a.c_str(), next());
-        else if (a == "-c" || a == "--window") o.window = parse_int(a.c_str(), next());
-        else if (a == "-t" || a == "--threads") o.n_threads = parse_int(a.c_str(), next());
-        else if (a == "--cats-only") o.chess = false;
-        else if (a == "--mean-abs-up") o.mean_abs_up_file = next();
-        else if (a == "--sparse") {
-            const char * v = next();
-            char * end = nullptr;
-            o.sparse = std::strtof(v, &end);
-            if (end == v || *end || !(o.sparse > 0.0f && o.sparse < 1.0f)) die(std::string("invalid --sparse level: ") + v);
-        }
-        else if (a == "--source") o.source = next();
-        else if (a == "--source-sha256") o.source_sha256 = next();
-        else if (a == "--dump-tokens") o.dump_tokens = parse_int(a.c_str(), next());
-        else if (a == "--dump-layers") {
-            std::stringstream ss(next());
+std::vector<common_arg> calibrator_args() {
+    std::vector<common_arg> args;
+    args.emplace_back(common_arg({ "--calib-tokens" }, "N", "calibration tokens (default 65536)",
+        [](common_params &, const std::string & v) { g_opt.n_tokens = parse_count("--calib-tokens", v); }));
+    args.emplace_back(common_arg({ "--cats-only" }, "no CHESS scores (CATS needs only |a|)",
+        [](common_params &) { g_opt.chess = false; }));
+    args.emplace_back(common_arg({ "--mean-abs-up" }, "PATH",
+        "take E|u_i| from these statistics and collect the CHESS scores directly",
+        [](common_params &, const std::string & v) { g_opt.mean_abs_up_file = v; }));
+    args.emplace_back(common_arg({ "--source" }, "NAME", "name of the calibration text, stored in the statistics",
+        [](common_params &, const std::string & v) { g_opt.source = v; }));
+    args.emplace_back(common_arg({ "--source-sha256" }, "HEX", "its sha256, stored in the statistics",
+        [](common_params &, const std::string & v) { g_opt.source_sha256 = v; }));
+    args.emplace_back(common_arg({ "--dump-layers" }, "L,...", "also store raw activations of these layers (tests)",
+        [](common_params &, const std::string & v) {
+            std::stringstream ss(v);
             std::string item;
-            while (std::getline(ss, item, ',')) o.dump_layers.insert(parse_int("--dump-layers", item.c_str()));
-        } else die("unknown argument: " + a + " (see --help)");
-    }
-    if (o.model.empty() || o.text_file.empty() || o.out_file.empty()) die("-m, -f and -o are required (see --help)");
-    if (o.window < 2) die("--window must be at least 2");
-    if (o.n_threads < 1) die("--threads must be at least 1");
-    return o;
+            while (std::getline(ss, item, ',')) g_opt.dump_layers.insert(parse_count("--dump-layers", item));
+        }));
+    args.emplace_back(common_arg({ "--dump-tokens" }, "N", "tokens to store per dumped layer (default 0)",
+        [](common_params &, const std::string & v) { g_opt.dump_tokens = parse_count("--dump-tokens", v); }));
+    return args;
 }
 
-std::string read_file(const std::string & path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) die("cannot read calibration text " + path);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
+// ffn_up in plain rows, as the sparse runtime loads it: the statistics see its products. Set after
+// parsing (a dense --sparse 0 turns it off), before the list's terminator.
+void require_plain_up_rows(common_params & params) {
+    auto & ovs = params.kv_overrides;
+    ovs.erase(std::remove_if(ovs.begin(), ovs.end(),
+                             [](const llama_model_kv_override & o) {
+                                 return o.key[0] == 0 || std::strcmp(o.key, ACTSPARSE_KEY_PLAIN_UP_ROWS) == 0;
+                             }),
+              ovs.end());
+    llama_model_kv_override o = {};
+    std::snprintf(o.key, sizeof o.key, "%s", ACTSPARSE_KEY_PLAIN_UP_ROWS);
+    o.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+    o.val_bool = true;
+    ovs.push_back(o);
+    ovs.emplace_back();
+    ovs.back().key[0] = 0;
 }
 
 // The gate's activation of the model's architecture, from the schema's table.
@@ -332,7 +467,7 @@ activation activation_for(const llama_model * model) {
             return std::strcmp(a.activation, "gelu") == 0 ? activation::gelu : activation::silu;
         }
     }
-    die(std::string("unsupported architecture '") + arch + "': no separate gate, up and down projection");
+    fail(std::string("unsupported architecture '") + arch + "': no separate gate, up and down projection");
 }
 
 void add_f64(gguf_context * g, ggml_context * ctx, const std::string & name, const std::vector<double> & v,
@@ -391,11 +526,11 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     const std::string tmp = path + ".tmp";
     if (!gguf_write_to_file(g, tmp.c_str(), false)) {
         std::remove(tmp.c_str());
-        die("cannot write " + path);
+        fail("cannot write " + path);
     }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
         std::remove(tmp.c_str());
-        die("cannot rename " + tmp + " to " + path);
+        fail("cannot rename " + tmp + " to " + path);
     }
     gguf_free(g);
     ggml_free(ctx);
@@ -406,11 +541,11 @@ void load_mean_abs_up(const std::string & path, std::vector<layer_stats> & layer
     ggml_context * data = nullptr;
     gguf_init_params gp = { false, &data };
     gguf_context * g = gguf_init_from_file(path.c_str(), gp);
-    if (!g) die("cannot read statistics " + path);
+    if (!g) fail("cannot read statistics " + path);
     for (size_t il = 0; il < layers.size(); ++il) {
         const std::string name = "blk." + std::to_string(il) + ".ffn_up_mean_abs";
         const ggml_tensor * t = ggml_get_tensor(data, name.c_str());
-        if (!t || t->type != GGML_TYPE_F64) die(path + ": tensor '" + name + "' is missing or not F64");
+        if (!t || t->type != GGML_TYPE_F64) fail(path + ": tensor '" + name + "' is missing or not F64");
         layer_stats & L = layers[il];
         L.n_ff = t->ne[0];
         L.mean_abs_up.assign((const double *) t->data, (const double *) t->data + t->ne[0]);
@@ -428,25 +563,70 @@ void quiet_log(ggml_log_level level, const char * text, void *) {
 }  // namespace
 
 int main(int argc, char ** argv) {
-    const options o = parse_args(argc, argv);
+    std::setlocale(LC_NUMERIC, "C");
+    common_params params;
+    params.n_ctx = g_opt.window;
+    params.n_ubatch = -1;  // unset: chosen below from the vocabulary size
+    params.cpuparams.n_threads = g_opt.n_threads;
+    params.cpuparams_batch.n_threads = g_opt.n_threads;
+    params.out_file.clear();
+    params.warmup = false;
+    params.escape = false;
+    // read, not mapped: the CPU backend repacks most weights into buffers of its own, and a mapping
+    // would keep the file's pages resident beside them (Qwen2.5-1.5B Q4_K_M: 2.18 GB against 1.57 GB)
+    params.load_mode = LLAMA_LOAD_MODE_NONE;
+    common_init();
+    actsparse_add_tool_args(calibrator_args());
+    try {
+        if (!common_params_parse(argc, argv, params, LLAMA_EXAMPLE_IMATRIX, print_usage)) return 2;
+    } catch (const std::exception & e) {
+        fail(e.what());
+    }
     llama_log_set(quiet_log, nullptr);
-    llama_backend_init();
+    options & o = g_opt;
+    o.window = params.n_ctx;
+    o.n_threads = params.cpuparams.n_threads;
+    if (params.model.path.empty() || params.prompt_file.empty() || params.out_file.empty()) {
+        fail("-m, -f and -o are required (see --help)");
+    }
+    if (o.window < 2) fail("-c (the window) must be at least 2");
+    if (params.prompt.empty()) fail("calibration text " + params.prompt_file + " is empty");
+    require_plain_up_rows(params);
 
-    llama_model_params mp = llama_model_default_params();
-    // ffn_up in plain rows, as the sparse runtime loads it: the statistics see its products
-    llama_model_kv_override overrides[2] = {};
-    std::snprintf(overrides[0].key, sizeof overrides[0].key, "%s", ACTSPARSE_KEY_PLAIN_UP_ROWS);
-    overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
-    overrides[0].val_bool = true;
-    mp.kv_overrides = overrides;
-    llama_model * model = llama_model_load_from_file(o.model.c_str(), mp);
-    if (!model) die("cannot load model " + o.model);
+    collector c;
+    c.opt = &o;
+    params.cb_eval = on_node;
+    params.cb_eval_user_data = &c;
+    // Each window is decoded in chunks from one cache: every position of a chunk is an output
+    // (otherwise llama.cpp computes the last layer's FFN for the final token only), so a chunk's
+    // logits buffer is n_vocab x chunk floats. The callback cuts the graph before it is filled.
+    int chunk = params.n_ubatch;
+    if (chunk <= 0) {
+        llama_model_params mp = llama_model_default_params();
+        mp.vocab_only = true;
+        llama_model * vocab_model = llama_model_load_from_file(params.model.path.c_str(), mp);
+        if (!vocab_model) fail("cannot load model " + params.model.path);
+        const int64_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(vocab_model));
+        llama_model_free(vocab_model);
+        chunk = (int) std::max<int64_t>(32, std::min<int64_t>(o.window, (LOGITS_BUDGET / (4 * n_vocab)) / 32 * 32));
+    }
+    chunk = std::min(chunk, o.window);
+    params.n_batch = params.n_ubatch = chunk;
+
+    auto init = common_init_from_params(params);
+    llama_model * model = init->model();
+    llama_context * ctx = init->context();
+    if (!model) fail("cannot load model " + params.model.path);
+    if (!ctx) fail("cannot create a context");
+    if (params.sparse) {
+        o.sparse = params.sparse_level < 0 ? actsparse_model_default_level(model) : params.sparse_level;
+    }
     const llama_vocab * vocab = llama_model_get_vocab(model);
 
-    const std::string text = read_file(o.text_file);
+    const std::string & text = params.prompt;
     std::vector<llama_token> tokens(text.size() + 16);
     int n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), false, false);
-    if (n < 0) die("tokenization failed");
+    if (n < 0) fail("tokenization failed");
     tokens.resize(n);
 
     const bool add_bos = llama_vocab_get_add_bos(vocab);
@@ -454,88 +634,59 @@ int main(int argc, char ** argv) {
     const int64_t n_available = (int64_t) tokens.size() / per_window;
     const int n_windows = (int) std::min<int64_t>(n_available, (o.n_tokens + o.window - 1) / o.window);
     if (n_windows < 1) {
-        die("calibration text has " + std::to_string(tokens.size()) + " tokens, shorter than one window of " +
+        fail("calibration text has " + std::to_string(tokens.size()) + " tokens, shorter than one window of " +
             std::to_string(o.window));
     }
 
-    collector c;
-    c.opt = &o;
     c.act = activation_for(model);
     c.layers.resize(llama_model_n_layer(model));
-
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = o.window;
-    cp.n_batch = o.window;
-    cp.n_ubatch = o.window;
-    cp.n_threads = o.n_threads;
-    cp.n_threads_batch = o.n_threads;
-    cp.cb_eval = on_node;
-    cp.cb_eval_user_data = &c;
-    cp.no_perf = true;
-    llama_context * ctx = llama_init_from_model(model, cp);
-    if (!ctx) die("cannot create a context");
-    if (o.sparse > 0.0f) {
-        char err[512] = {0};
-        if (actsparse_set_sparse(ctx, o.sparse, err, sizeof err) != 0) die(err);
-    }
-
-    // pass numbers: 1 = E|u|, |a| and attention inputs; 2 = CHESS scores; 3 = both of those but E|u|
-    std::vector<int> passes = { 1 };
     if (!o.mean_abs_up_file.empty()) {
         load_mean_abs_up(o.mean_abs_up_file, c.layers);
-        passes = { 3 };
-    } else if (o.chess) {
-        passes = { 1, 2 };
+        c.pass = pass_kind::given_mean_abs_up;
     }
-    int64_t total_tokens = (int64_t) n_windows * o.window;
+    const int64_t total_tokens = (int64_t) n_windows * o.window;
     std::vector<llama_token> win(o.window);
-    llama_batch batch = llama_batch_init(o.window, 0, 1);
-    for (size_t ip = 0; ip < passes.size(); ++ip) {
-        const int pass = passes[ip];
-        c.pass = pass;
-        if (pass == 2) {
-            for (auto & L : c.layers) {
-                L.mean_abs_up.resize(L.sum_abs_up.size());
-                for (size_t i = 0; i < L.sum_abs_up.size(); ++i)
-                    L.mean_abs_up[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
-            }
-        }
-        for (int w = 0; w < n_windows; ++w) {
-            int k = 0;
-            if (add_bos) win[k++] = llama_vocab_bos(vocab);
-            // windows spread evenly over the whole text, not its first n_tokens: a corpus (or a
-            // user's file) ordered by source or topic is then sampled across all of them
-            const int64_t slot = (int64_t) w * n_available / n_windows;
-            std::memcpy(win.data() + k, tokens.data() + (size_t) slot * per_window, per_window * sizeof(llama_token));
-            // every position requests its logits: otherwise llama.cpp computes the last layer's FFN
-            // for the final token only, and that layer's statistics would miss the others
-            batch.n_tokens = o.window;
-            for (int i = 0; i < o.window; ++i) {
-                batch.token[i] = win[i];
-                batch.pos[i] = i;
+    llama_batch batch = llama_batch_init(chunk, 0, 1);
+    for (int w = 0; w < n_windows; ++w) {
+        int k = 0;
+        if (add_bos) win[k++] = llama_vocab_bos(vocab);
+        // windows spread evenly over the whole text, not its first n_tokens: a corpus (or a
+        // user's file) ordered by source or topic is then sampled across all of them
+        const int64_t slot = (int64_t) w * n_available / n_windows;
+        std::memcpy(win.data() + k, tokens.data() + (size_t) slot * per_window, per_window * sizeof(llama_token));
+        llama_memory_clear(llama_get_memory(ctx), true);
+        for (int p0 = 0; p0 < o.window; p0 += chunk) {
+            batch.n_tokens = std::min(chunk, o.window - p0);
+            for (int i = 0; i < batch.n_tokens; ++i) {
+                batch.token[i] = win[p0 + i];
+                batch.pos[i] = p0 + i;
                 batch.n_seq_id[i] = 1;
                 batch.seq_id[i][0] = 0;
                 batch.logits[i] = 1;
             }
-            llama_memory_clear(llama_get_memory(ctx), true);
+            c.last_layer_seen = 0;
             const int rc = llama_decode(ctx, batch);
-            if (!c.error.empty()) die(c.error);  // the callback's reason beats decode's status
-            if (rc != 0) die("llama_decode failed (" + std::to_string(rc) + ")");
-            std::fprintf(stderr, "progress %d %lld %lld\n", (int) ip + 1, (long long) (w + 1) * o.window,
-                         (long long) total_tokens);
-            std::fflush(stderr);
+            if (!c.error.empty()) fail(c.error);  // the callback's reason beats decode's status
+            if (rc != 0) fail("llama_decode failed (" + std::to_string(rc) + ")");
+        }
+        std::fprintf(stderr, "progress %lld %lld\n", (long long) (w + 1) * o.window, (long long) total_tokens);
+        std::fflush(stderr);
+    }
+    if (c.pass == pass_kind::dense && o.chess) {
+        for (auto & L : c.layers) {
+            L.mean_abs_up.resize(L.sum_abs_up.size());
+            for (size_t i = 0; i < L.sum_abs_up.size(); ++i)
+                L.mean_abs_up[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
+            if (!L.channel_hist.empty()) score_hist_from_channels(L.channel_hist, L.mean_abs_up, L.hist_act, L.hist_score);
         }
     }
     for (size_t il = 0; il < c.layers.size(); ++il) {
         if (c.layers[il].n_ff == 0 || c.layers[il].n_tok_act == 0) {
-            die("layer " + std::to_string(il) + " has no ffn_up/ffn_gate activations (not a gated FFN?)");
+            fail("layer " + std::to_string(il) + " has no ffn_up/ffn_gate activations (not a gated FFN?)");
         }
     }
-    write_stats(c, o, total_tokens, n_windows, o.out_file);
+    write_stats(c, o, total_tokens, n_windows, params.out_file);
 
     llama_batch_free(batch);
-    llama_free(ctx);
-    llama_model_free(model);
-    llama_backend_free();
     return 0;
 }

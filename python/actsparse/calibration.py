@@ -1,6 +1,6 @@
 """Calibration statistics, collected by running the model in this project's llama.cpp build.
 
-`actsparse-calibrate` (native/tools) does the work; this module runs it with a progress bar and
+`actsparse-calibrate` (native/tools) does the work; this module runs it, reports its progress and
 reads the statistics GGUF it writes.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import engine
 from .gguf_io import GGUFError, atomic_output, field_value, open_gguf
@@ -56,15 +56,15 @@ def run_collector(
     source: tuple[str, str] = ("", ""),
     dump_layers: tuple[int, ...] = (),
     dump_tokens: int = 0,
-    progress: bool = True,
     sparse: float = 0.0,
     mean_abs_up_from: Path | None = None,
-    desc: str = "calibrating",
+    on_progress: Callable[[int], None] | None = None,
 ) -> None:
+    """Runs actsparse-calibrate; on_progress receives the tokens done so far."""
     cmd = [
         str(engine.binary("actsparse-calibrate")),
         "-m", str(model), "-f", str(text_file), "-o", str(out_file),
-        "-n", str(tokens), "-c", str(window), "-t", str(threads),
+        "--calib-tokens", str(tokens), "-c", str(window), "-t", str(threads),
     ]  # fmt: skip
     if not chess:
         cmd.append("--cats-only")
@@ -77,26 +77,16 @@ def run_collector(
     if mean_abs_up_from is not None:
         cmd += ["--mean-abs-up", str(mean_abs_up_from)]
     errors: list[str] = []
-    bar: tqdm | None = None
-    n_pass = 2 if chess and mean_abs_up_from is None else 1
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             parts = line.split()
-            if len(parts) == 4 and parts[0] == "progress":
-                pass_no, done, total = int(parts[1]), int(parts[2]), int(parts[3])
-                if bar is None:
-                    bar = tqdm(
-                        total=total * n_pass, unit="tok", unit_scale=True, desc=desc,
-                        disable=not progress, dynamic_ncols=True,
-                    )  # fmt: skip
-                bar.update((pass_no - 1) * total + done - bar.n)
-                bar.set_postfix_str(f"pass {pass_no}/{n_pass}")
+            if len(parts) == 3 and parts[0] == "progress":
+                if on_progress is not None:
+                    on_progress(int(parts[1]))
             elif line.strip():
                 errors.append(line.strip())
         rc = proc.wait()
-    if bar is not None:
-        bar.close()
     if rc != 0:
         msg = next((e for e in reversed(errors) if e.startswith("error:")), errors[-1] if errors else "")
         raise CalibrationError(msg.removeprefix("error: ") or f"actsparse-calibrate exited with {rc}")

@@ -12,17 +12,17 @@ import os
 import shutil
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
-from tqdm import tqdm
 
 from . import __version__, calibration, gguf_io, schema, thresholds, transpose
 from .gguf_io import GGUFError, ModelInfo, NewTensor
 from .options import from_args
+from .progress import Stage, StagedProgress
 
 DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7"
 DEFAULT_LEVEL = 0.5
@@ -220,6 +220,7 @@ def sparse_aware_thresholds(
     attn: bool,
     options: ConvertOptions,
     tokens: int,
+    on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each level's thresholds re-taken from statistics of the runtime at that level.
 
@@ -230,12 +231,12 @@ def sparse_aware_thresholds(
     each layer's tau moves. Returns the new [levels, n] values of every threshold tensor.
     """
     rows: dict[str, list[np.ndarray]] = {}
-    for level in levels:
+    for k, level in enumerate(levels):
         stats = calibration.collect(
             model, text, tokens=tokens, window=options.window, threads=options.threads,
             chess=method == "chess", sparse=level,
             mean_abs_up_from=dense_stats if method == "chess" else None,
-            progress=not options.quiet, desc=f"sparse-aware {level:g}",
+            on_progress=None if on_progress is None else lambda n, k=k: on_progress(k * tokens + n),
         )  # fmt: skip
         for t in threshold_tensors(info, stats, [level], method, attn):
             rows.setdefault(t.name, []).append(t.make()[0])
@@ -311,7 +312,9 @@ def plan(options: ConvertOptions) -> Plan:
     return Plan(options, info, out, levels, default_level, refine_tokens)
 
 
-def statistics_stage(p: Plan, tmp: Path) -> tuple[calibration.CalibrationStats, CalibText, Path]:
+def statistics_stage(
+    p: Plan, tmp: Path, on_progress: Callable[[int], None] | None = None
+) -> tuple[calibration.CalibrationStats, CalibText, Path]:
     """Stage 1: the dense calibration statistics (or the saved ones), the text they came from and
     the statistics file the sparse-aware pass reads E|u_i| from."""
     o = p.options
@@ -325,7 +328,7 @@ def statistics_stage(p: Plan, tmp: Path) -> tuple[calibration.CalibrationStats, 
         stats = calibration.collect(
             o.model, calib.text, save_to=stats_file, tokens=o.calib_tokens, window=o.window,
             threads=o.threads, chess=o.method == "chess", source=(calib.name, calib.sha256),
-            progress=not o.quiet,
+            on_progress=on_progress,
         )  # fmt: skip
         if o.save_stats is not None:
             with gguf_io.atomic_output(o.save_stats) as dest:
@@ -357,40 +360,64 @@ def metadata(
     }
 
 
+def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
+    """The conversion's stages with their work and first guesses of their rates."""
+    o = p.options
+    file_bytes = sum(t.n_bytes for t in p.info.reader.tensors)
+    # A first guess only (replaced by the measured rate within a second): decode reads every
+    # weight once per token, and a batch of tokens runs about 60x faster per byte on 2 threads.
+    tokens_per_s = 6e10 / max(file_bytes, 1)
+    stages = []
+    if o.load_stats is None:
+        stages.append(Stage("statistics", o.calib_tokens, tokens_per_s))
+    stages.append(Stage("writing", file_bytes + new_bytes, 2e8))
+    if p.refine_tokens > 0:
+        stages.append(Stage("sparse-aware", len(p.levels) * p.refine_tokens, tokens_per_s, like="statistics"))
+    return stages
+
+
 def convert(options: ConvertOptions) -> Path:
     """Statistics, thresholds, the file written to a temporary path, the sparse-aware pass on it,
     then the rename: the output appears complete or not at all."""
     p = plan(options)
     o = p.options
-    t0 = time.perf_counter()
+    copies = transposed_tensors(p.info, o.attn, o.transposed_type)
+    bar = StagedProgress(progress_stages(p, sum(t.nbytes for t in copies)), enabled=not o.quiet)
     with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
-        stats, calib, stats_file = statistics_stage(p, Path(tmp))
-        t_calib = time.perf_counter() - t0
-        new = threshold_tensors(p.info, stats, p.levels, o.method, o.attn)
-        new += transposed_tensors(p.info, o.attn, o.transposed_type)
+        if o.load_stats is None:
+            with bar.stage("statistics", f"({o.calib_tokens} tokens, dense)") as update:
+                stats, calib, stats_file = statistics_stage(p, Path(tmp), update)
+        else:
+            stats, calib, stats_file = statistics_stage(p, Path(tmp))
+        new = threshold_tensors(p.info, stats, p.levels, o.method, o.attn) + copies
         reader = p.info.reader
-        total = sum(t.n_bytes for t in reader.tensors) + sum(t.nbytes for t in new)
         with gguf_io.atomic_output(p.out) as written:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=o.quiet) as bar:
+            with bar.stage("writing", "(thresholds and transposed copies)") as update:
+                done = 0
+
+                def wrote(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    update(done)
+
                 gguf_io.write_gguf(
                     reader, p.info.arch, written, metadata(p, stats, calib), new,
                     drop=lambda name: name.startswith(schema.KEY_PREFIX) or schema.is_sparsity_tensor(name),
-                    progress=bar.update,
+                    progress=wrote,
                 )  # fmt: skip
+            gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
             if p.refine_tokens > 0:
                 text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
-                refined = sparse_aware_thresholds(
-                    written, p.info, text, stats_file, p.levels, o.method, o.attn, o, p.refine_tokens
-                )
-                overwrite_thresholds(written, refined)
-    t_total = time.perf_counter() - t0
-    n_pass = 2 if o.method == "chess" else 1
-    if not o.quiet and o.load_stats is None:
-        print(
-            f"calibration: {stats.tokens} tokens x {n_pass} passes in {t_calib:.1f} s "
-            f"({stats.tokens * n_pass / t_calib:.0f} tok/s); total {t_total:.1f} s",
-            file=sys.stderr,
-        )
+                detail = f"({len(p.levels)} levels x {p.refine_tokens} tokens)"
+                with bar.stage("sparse-aware", detail) as update:
+                    refined = sparse_aware_thresholds(
+                        written, p.info, text, stats_file, p.levels, o.method, o.attn, o, p.refine_tokens,
+                        on_progress=update,
+                    )  # fmt: skip
+                    overwrite_thresholds(written, refined)
+    summary = bar.close()
+    if not o.quiet:
+        print(f"converted in {summary}", file=sys.stderr)
     return p.out
 
 

@@ -6,6 +6,7 @@ it into `error: ...` and a non-zero exit.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,14 @@ GGUF_MAGIC = b"GGUF"
 
 class GGUFError(ValueError):
     """An input GGUF that cannot be used; the message is one line for the user."""
+
+
+def release_pages(reader: GGUFReader) -> None:
+    """Drops the mapped file's pages from this process's resident memory; the data stays readable
+    (pages come back from the page cache when touched again)."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
