@@ -1,0 +1,208 @@
+// A context's sparsity: its level (actsparse_set_sparse), the statistics its ops count, and their
+// table, JSON and file.
+#include "actsparse-runtime.h"
+#include "actsparse-llama.h"
+
+#include "llama-context.h"
+#include "llama-model.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+using namespace actsparse_detail;
+
+// ---- level ------------------------------------------------------------------------------------
+
+static actsparse_context * context_state(const llama_context * ctx) {
+    return ctx->get_actsparse();
+}
+
+static std::string levels_text(const sparse_model * sm) {
+    std::string s;
+    char buf[32];
+    for (float l : sm->levels) {
+        std::snprintf(buf, sizeof buf, "%s%g", s.empty() ? "" : ", ", l);
+        s += buf;
+    }
+    return s;
+}
+
+extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err, size_t err_size) {
+    auto fail = [&](const std::string & msg) {
+        if (err && err_size) std::snprintf(err, err_size, "%s", msg.c_str());
+        return -1;
+    };
+    const sparse_model * sm = find_model(llama_get_model(ctx));
+    actsparse_context * old = context_state(ctx);
+    if (level == 0.0f) {
+        if (old) {
+            old->level = -1;  // dense; what it counted stays readable
+            ctx->set_actsparse(old);
+        }
+        return 0;
+    }
+    if (!sm) {
+        return fail("the model has no sparsity thresholds; create them with python/convert_with_thresholds.py");
+    }
+    if (std::isnan(level)) return fail("sparsity level is NaN");
+    if (level < 0.0f) level = sm->default_level;
+    const int idx = level_index(sm, level);
+    if (idx < 0) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%g", level);
+        return fail(std::string("sparsity level ") + buf + " is not in the model; available: " + levels_text(sm));
+    }
+    auto st = std::make_unique<actsparse_context>();
+    st->model = sm;
+    st->level = idx;
+    if (old) {
+        st->print_at_exit = old->print_at_exit;
+        st->stats_file = old->stats_file;
+    }
+    const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
+    for (auto & phase_stats : st->stats) {
+        for (size_t il = 0; il < n_layer; ++il) phase_stats.emplace_back(new counters[N_KINDS]);
+    }
+    for (size_t i = 0; i < sm->layers.size(); ++i) {
+        for (int k = 0; k < N_KINDS; ++k) {
+            for (int ph = 0; ph < N_PHASES; ++ph) {
+                op_params & p = st->params.emplace_back();
+                p.model = sm;
+                p.state = st.get();
+                p.il = (int) i;
+                p.kind = (op_kind) k;
+                p.ph = (phase) ph;
+                st->by_layer_kind[ph][{ (int) i, k }] = &p;
+            }
+        }
+    }
+    ctx->set_actsparse(st.release());
+    delete old;  // the graph that used it is not reused (set_actsparse defeats reuse)
+    return 0;
+}
+
+// ---- statistics -------------------------------------------------------------------------------
+
+static int fraction_cell(char * buf, size_t size, double part, double total) {
+    return total > 0 ? std::snprintf(buf, size, "  %9.3f", part / total) : std::snprintf(buf, size, "  %9s", "-");
+}
+
+static bool phase_counted(const actsparse_context & st, int ph) {
+    for (const auto & layer : st.stats[ph]) {
+        for (int k = 0; k < N_KINDS; ++k) {
+            if (layer[k].total > 0) return true;
+        }
+    }
+    return false;
+}
+
+static std::string stats_table(const actsparse_context & st, int ph) {
+    std::string out = std::string("actsparse: realized sparsity during ") + (ph == PHASE_DECODE ? "decode" : "prefill") +
+                      (ph == PHASE_DECODE ? " (fraction of inputs skipped)\n" : " (fraction of inputs zeroed by the mask)\n");
+    out += "  layer      ffn  attn_q_in  attn_o_in\n";
+    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+    char line[128];
+    for (size_t il = 0; il < st.stats[ph].size(); ++il) {
+        int n = std::snprintf(line, sizeof line, "  %5zu", il);
+        for (int k = 0; k < N_KINDS; ++k) {
+            const double z = st.stats[ph][il][k].zero, t = st.stats[ph][il][k].total;
+            tz[k] += z;
+            tt[k] += t;
+            n += fraction_cell(line + n, sizeof line - n, z, t);
+        }
+        out += line;
+        out += "\n";
+    }
+    int n = std::snprintf(line, sizeof line, "  %5s", "all");
+    for (int k = 0; k < N_KINDS; ++k) n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
+    out += line;
+    out += "\n";
+    return out;
+}
+
+static std::string ratio_json(double zero, double total) {
+    return total > 0 ? std::to_string(zero / total) : "null";
+}
+
+// {"layers": [{"layer": i, "ffn": f, ...}], "overall": {...}} for one phase.
+static std::string stats_json_members(const actsparse_context * st, int ph) {
+    std::string js = "\"layers\": [";
+    double tz[N_KINDS] = {}, tt[N_KINDS] = {};
+    if (st) {
+        for (size_t il = 0; il < st->stats[ph].size(); ++il) {
+            js += il ? ", {" : "{";
+            js += "\"layer\": " + std::to_string(il);
+            for (int k = 0; k < N_KINDS; ++k) {
+                const double z = st->stats[ph][il][k].zero, t = st->stats[ph][il][k].total;
+                tz[k] += z;
+                tt[k] += t;
+                js += std::string(", \"") + ACTSPARSE_KINDS[k].name + "\": " + ratio_json(z, t);
+            }
+            js += "}";
+        }
+    }
+    js += "], \"overall\": {";
+    for (int k = 0; k < N_KINDS; ++k) js += std::string(k ? ", \"" : "\"") + ACTSPARSE_KINDS[k].name + "\": " + ratio_json(tz[k], tt[k]);
+    return js + "}";
+}
+
+static void write_stats_file(const actsparse_context & st);
+
+void actsparse_context_freed(llama_context * ctx) {
+    std::unique_ptr<actsparse_context> st(context_state(ctx));
+    if (!st) return;
+    ctx->set_actsparse(nullptr);
+    if (st->print_at_exit) {
+        // Decode always (the flag's promise); prefill only where batches ran under the mask.
+        std::string out = stats_table(*st, PHASE_DECODE);
+        if (phase_counted(*st, PHASE_PREFILL)) out += stats_table(*st, PHASE_PREFILL);
+        std::fputs(out.c_str(), stderr);
+    }
+    if (!st->stats_file.empty()) write_stats_file(*st);
+}
+
+extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
+    actsparse_context * st = context_state(ctx);
+    if (st) st->print_at_exit = on;
+}
+
+static std::string stats_json(const actsparse_context * st) {
+    std::string js = "{" + stats_json_members(st, PHASE_DECODE);
+    js += ", \"prefill\": {" + stats_json_members(st, PHASE_PREFILL) + "}";
+    if (st && st->checked > 0) {
+        uint32_t bits = st->check_max_rel_err_bits.load();
+        float rel;
+        std::memcpy(&rel, &bits, sizeof rel);
+        js += ", \"decode_check\": {\"products\": " + std::to_string(st->checked.load()) +
+              ", \"max_rel_err\": " + std::to_string(rel) + "}";
+    }
+    return js + "}";
+}
+
+extern "C" int actsparse_stats_json(llama_context * ctx, char * buf, size_t size) {
+    const std::string js = stats_json(context_state(ctx));
+    if (buf && size) std::snprintf(buf, size, "%s", js.c_str());
+    return (int) js.size();
+}
+
+extern "C" void actsparse_write_stats_at_exit(llama_context * ctx, const char * path) {
+    actsparse_context * st = context_state(ctx);
+    if (st) st->stats_file = path ? path : "";
+}
+
+// Written beside the destination and renamed, so a reader never sees half a file.
+static void write_stats_file(const actsparse_context & st) {
+    const std::string tmp = st.stats_file + ".tmp";
+    const std::string js = stats_json(&st) + "\n";
+    FILE * f = std::fopen(tmp.c_str(), "w");
+    bool ok = f != nullptr;
+    if (f) {
+        ok = std::fwrite(js.data(), 1, js.size(), f) == js.size();
+        ok = std::fclose(f) == 0 && ok;
+    }
+    if (!(ok && std::rename(tmp.c_str(), st.stats_file.c_str()) == 0)) {
+        std::remove(tmp.c_str());
+        std::fprintf(stderr, "actsparse: cannot write the statistics to %s\n", st.stats_file.c_str());
+    }
+}
