@@ -52,7 +52,7 @@
 namespace {
 
 constexpr int N_BINS = 1 << 15;  // sign-less bfloat16 bit patterns
-constexpr int64_t LOGITS_BUDGET = 64ll << 20;  // bytes of logits per decode (the chunk size follows)
+constexpr int64_t LOGITS_BUDGET = 128ll << 20;  // bytes of logits per decode (the chunk size follows)
 
 enum class activation { silu, gelu };
 
@@ -145,18 +145,8 @@ inline double bf16_edge(int bin) {  // lower edge of a bf16 bin
 
 // Per-channel histograms of |a_i|: 8 bins per octave (the float's exponent and top 3 mantissa
 // bits) from 2^-20 to 2^12. Smaller values share bin 0, larger ones the last bin.
-constexpr int CHANNEL_SHIFT = 20;
 constexpr int CHANNEL_FIRST = (127 - 20) << 3;
 constexpr int CHANNEL_BINS = 32 << 3;
-
-inline int channel_bin(float v) {
-    uint32_t bits;
-    v = std::fabs(v);
-    std::memcpy(&bits, &v, sizeof bits);
-    const int b = (int) (bits >> CHANNEL_SHIFT) - CHANNEL_FIRST;
-    return b < 0 ? 0 : (b >= CHANNEL_BINS ? CHANNEL_BINS - 1 : b);
-}
-
 
 // The fine (bf16) bins a channel bin covers: [first, end).
 inline int channel_bin_first_fine(int bin) { return bin == 0 ? 0 : (bin + CHANNEL_FIRST) << 4; }
@@ -204,8 +194,8 @@ void score_hist_from_channels(const std::vector<uint32_t> & channel_hist, const 
 
 // Runs fn(begin, end) over [0, n) split among n_threads threads (the collector's work on a batch's
 // activations while ggml's own threads wait between graph parts).
-template <typename F> void parallel_for(int n_threads, int64_t n, F && fn) {
-    n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, n / 64));
+template <typename F> void parallel_for(int n_threads, int64_t n, F && fn, int64_t min_per_thread = 64) {
+    n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, n / min_per_thread));
     if (n_threads == 1) { fn((int64_t) 0, n); return; }
     std::vector<std::thread> workers;
     for (int t = 1; t < n_threads; ++t) workers.emplace_back(fn, n * t / n_threads, n * (t + 1) / n_threads);
@@ -278,39 +268,63 @@ void add_hist(std::vector<double> & hist, const float * x, int64_t n) {
 // Channels are visited in blocks, so that a block's histograms stay in cache over the rows.
 constexpr int64_t CHANNEL_BLOCK = 64;
 
+// The channel bin of a value from its fine (bf16) bin: the same bits, 4 fewer mantissa bits.
+inline int channel_bin_of_fine(int fine) {
+    const int b = (fine >> 4) - CHANNEL_FIRST;
+    return b < 0 ? 0 : (b >= CHANNEL_BINS ? CHANNEL_BINS - 1 : b);
+}
+
+enum class gate_mode { act, per_channel, scores };
+
+// Channels [i0, i1) of every row, in blocks whose histograms stay in cache over the rows.
+template <gate_mode mode>
+void gate_block(layer_stats & L, const float * a, int64_t ne0, int64_t nrows, int64_t i0, int64_t i1,
+                uint32_t * act, uint32_t * score) {
+    for (int64_t j0 = i0; j0 < i1; j0 += CHANNEL_BLOCK) {
+        const int64_t j1 = std::min(i1, j0 + CHANNEL_BLOCK);
+        for (int64_t r = 0; r < nrows; ++r) {
+            const float * row = a + r * ne0;
+            for (int64_t i = j0; i < j1; ++i) {
+                const int fine = bf16_bin(row[i]);
+                ++act[fine];
+                if (mode == gate_mode::per_channel) {
+                    ++L.channel_hist[(size_t) i * CHANNEL_BINS + channel_bin_of_fine(fine)];
+                } else if (mode == gate_mode::scores) {
+                    ++score[bf16_bin(row[i] * (float) L.mean_abs_up[i])];
+                }
+            }
+        }
+    }
+}
+
 void add_gate_stats(collector & c, layer_stats & L, const float * a, int64_t ne0, int64_t nrows) {
-    const bool per_channel = c.pass == pass_kind::dense && c.opt->chess;
-    const bool scores = c.pass == pass_kind::given_mean_abs_up && c.opt->chess;
-    if (per_channel && L.channel_hist.empty()) L.channel_hist.assign((size_t) ne0 * CHANNEL_BINS, 0);
+    const gate_mode mode = !c.opt->chess ? gate_mode::act
+                         : c.pass == pass_kind::dense ? gate_mode::per_channel : gate_mode::scores;
+    if (mode == gate_mode::per_channel && L.channel_hist.empty()) L.channel_hist.assign((size_t) ne0 * CHANNEL_BINS, 0);
     if (L.hist_act.empty()) L.hist_act.assign(N_BINS, 0.0);
-    if (scores && L.hist_score.empty()) L.hist_score.assign(N_BINS, 0.0);
+    if (mode == gate_mode::scores && L.hist_score.empty()) L.hist_score.assign(N_BINS, 0.0);
     const int64_t n_blocks = (ne0 + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
     const int n_threads = c.opt->n_threads;
-    std::vector<std::vector<double>> act_part(n_threads), score_part(n_threads);
+    // per-thread counts (a batch holds fewer than 2^32 values), added into the layer's at the end
+    std::vector<std::vector<uint32_t>> act_part(n_threads), score_part(n_threads);
     std::atomic<int> next_part{0};
     parallel_for(n_threads, n_blocks, [&](int64_t b0, int64_t b1) {
         const int part = next_part++;
-        std::vector<double> & act = act_part[part];
-        std::vector<double> & score = score_part[part];
-        act.assign(N_BINS, 0.0);
-        if (scores) score.assign(N_BINS, 0.0);
+        act_part[part].assign(N_BINS, 0);
+        if (mode == gate_mode::scores) score_part[part].assign(N_BINS, 0);
         const int64_t i0 = b0 * CHANNEL_BLOCK, i1 = std::min(ne0, b1 * CHANNEL_BLOCK);
-        for (int64_t j0 = i0; j0 < i1; j0 += CHANNEL_BLOCK) {
-            const int64_t j1 = std::min(i1, j0 + CHANNEL_BLOCK);
-            for (int64_t r = 0; r < nrows; ++r) {
-                const float * row = a + r * ne0;
-                for (int64_t i = j0; i < j1; ++i) {
-                    act[bf16_bin(row[i])] += 1.0;
-                    if (per_channel) ++L.channel_hist[(size_t) i * CHANNEL_BINS + channel_bin(row[i])];
-                    if (scores) score[bf16_bin(row[i] * (float) L.mean_abs_up[i])] += 1.0;
-                }
-            }
+        uint32_t * act = act_part[part].data();
+        uint32_t * score = score_part[part].data();
+        switch (mode) {
+            case gate_mode::act:         gate_block<gate_mode::act>(L, a, ne0, nrows, i0, i1, act, score); break;
+            case gate_mode::per_channel: gate_block<gate_mode::per_channel>(L, a, ne0, nrows, i0, i1, act, score); break;
+            case gate_mode::scores:      gate_block<gate_mode::scores>(L, a, ne0, nrows, i0, i1, act, score); break;
         }
     });
     for (int p = 0; p < next_part; ++p)
         for (int k = 0; k < N_BINS; ++k) {
             L.hist_act[k] += act_part[p][k];
-            if (scores) L.hist_score[k] += score_part[p][k];
+            if (mode == gate_mode::scores) L.hist_score[k] += score_part[p][k];
         }
     L.n_tok_act += nrows;
 }
@@ -673,12 +687,15 @@ int main(int argc, char ** argv) {
         std::fflush(stderr);
     }
     if (c.pass == pass_kind::dense && o.chess) {
-        for (auto & L : c.layers) {
-            L.mean_abs_up.resize(L.sum_abs_up.size());
-            for (size_t i = 0; i < L.sum_abs_up.size(); ++i)
-                L.mean_abs_up[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
-            if (!L.channel_hist.empty()) score_hist_from_channels(L.channel_hist, L.mean_abs_up, L.hist_act, L.hist_score);
-        }
+        parallel_for(o.n_threads, (int64_t) c.layers.size(), [&](int64_t l0, int64_t l1) {
+            for (int64_t il = l0; il < l1; ++il) {
+                layer_stats & L = c.layers[il];
+                L.mean_abs_up.resize(L.sum_abs_up.size());
+                for (size_t i = 0; i < L.sum_abs_up.size(); ++i)
+                    L.mean_abs_up[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
+                if (!L.channel_hist.empty()) score_hist_from_channels(L.channel_hist, L.mean_abs_up, L.hist_act, L.hist_score);
+            }
+        }, 1);
     }
     for (size_t il = 0; il < c.layers.size(); ++il) {
         if (c.layers[il].n_ff == 0 || c.layers[il].n_tok_act == 0) {

@@ -27,7 +27,7 @@ from .progress import Stage, StagedProgress
 DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7"
 DEFAULT_LEVEL = 0.5
 DEFAULT_TOKENS = 65536
-DEFAULT_REFINE_TOKENS = 16384
+DEFAULT_REFINE_TOKENS = 8192
 DEFAULT_WINDOW = 512
 DEFAULT_TRANSPOSED_TYPE = "q8_0"
 
@@ -95,9 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--refine-tokens", type=int, default=None, metavar="N",
-        help="tokens per level of the second calibration, which runs the written model sparse at that "
-        f"level and re-takes the quantiles there (default: min(--calib-tokens, {DEFAULT_REFINE_TOKENS}); "
-        "0 skips it)",
+        help="tokens of the sparse-aware pass, which runs the written model at each level and the "
+        "dense model once over the same windows and corrects each threshold by the ratio of the two "
+        f"quantiles (default: min(--calib-tokens, {DEFAULT_REFINE_TOKENS}); 0 skips it)",
     )  # fmt: skip
     p.add_argument(
         "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})"
@@ -212,34 +212,48 @@ def _const(name: str, values: np.ndarray, qtype: GGMLQuantizationType) -> NewTen
 
 def sparse_aware_thresholds(
     model: Path,
+    dense_model: Path,
     info: ModelInfo,
     text: str,
     dense_stats: Path,
-    levels: list[float],
-    method: str,
-    attn: bool,
-    options: ConvertOptions,
-    tokens: int,
+    dense_thresholds: dict[str, np.ndarray],
+    p: Plan,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each level's thresholds re-taken from statistics of the runtime at that level.
+    """Each level's thresholds corrected by statistics of the runtime at that level.
 
     The first calibration ran the model dense, but at runtime a layer's input comes from sparse
     layers, so its activations are a little different and deep layers realize more sparsity than
-    their target. Here `model` (already carrying the first thresholds) runs at each level, and the
-    quantiles are taken again from those activations; CHESS keeps the first pass's E|u_i|, so only
-    each layer's tau moves. Returns the new [levels, n] values of every threshold tensor.
+    their target. Here `model` (already carrying the first thresholds) runs at each level over a
+    subset of the text's windows, and `dense_model` runs dense over the same windows once. Each
+    threshold becomes its dense value times the ratio of the sparse to the dense quantile on those
+    windows: the ratio measures the sparse layers' effect with the text's own variation cancelled,
+    so a few thousand tokens per level do what a full pass per level would. CHESS keeps the first
+    pass's E|u_i|, so only each layer's tau moves. Returns the new [levels, n] values of every
+    threshold tensor.
     """
-    rows: dict[str, list[np.ndarray]] = {}
-    for k, level in enumerate(levels):
+    o = p.options
+    tokens = p.refine_tokens
+
+    def run(k: int, source: Path, level: float) -> dict[str, np.ndarray]:
         stats = calibration.collect(
-            model, text, tokens=tokens, window=options.window, threads=options.threads,
-            chess=method == "chess", sparse=level,
-            mean_abs_up_from=dense_stats if method == "chess" else None,
-            on_progress=None if on_progress is None else lambda n, k=k: on_progress(k * tokens + n),
+            source, text, tokens=tokens, window=o.window, threads=o.threads,
+            chess=o.method == "chess", sparse=level,
+            mean_abs_up_from=dense_stats if o.method == "chess" else None,
+            on_progress=None if on_progress is None else lambda n: on_progress(k * tokens + n),
         )  # fmt: skip
-        for t in threshold_tensors(info, stats, [level], method, attn):
-            rows.setdefault(t.name, []).append(t.make()[0])
+        levels = p.levels if level == 0 else [level]
+        return {t.name: t.make() for t in threshold_tensors(info, stats, levels, o.method, o.attn)}
+
+    dense_subset = run(0, dense_model, 0.0)
+    rows: dict[str, list[np.ndarray]] = {}
+    for k, level in enumerate(p.levels):
+        for name, sparse in run(k + 1, model, level).items():
+            dense_full, dense_sub = dense_thresholds[name][k], dense_subset[name][k]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(dense_sub > 0, sparse[0] / dense_sub, 1.0)
+            corrected = np.where(dense_sub > 0, dense_full * ratio, sparse[0])
+            rows.setdefault(name, []).append(np.minimum(corrected, thresholds.FLT_MAX))
     # a level's thresholds never fall below the previous level's, as the runtime expects
     return {name: np.maximum.accumulate(np.stack(v), axis=0) for name, v in rows.items()}
 
@@ -389,7 +403,8 @@ def convert(options: ConvertOptions) -> Path:
                 stats, calib, stats_file = statistics_stage(p, Path(tmp), update)
         else:
             stats, calib, stats_file = statistics_stage(p, Path(tmp))
-        new = threshold_tensors(p.info, stats, p.levels, o.method, o.attn) + copies
+        first = threshold_tensors(p.info, stats, p.levels, o.method, o.attn)
+        new = first + copies
         reader = p.info.reader
         with gguf_io.atomic_output(p.out) as written:
             with bar.stage("writing", "(thresholds and transposed copies)") as update:
@@ -408,10 +423,10 @@ def convert(options: ConvertOptions) -> Path:
             gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
             if p.refine_tokens > 0:
                 text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
-                detail = f"({len(p.levels)} levels x {p.refine_tokens} tokens)"
+                detail = f"(dense + {len(p.levels)} levels x {p.refine_tokens} tokens)"
                 with bar.stage("sparse-aware", detail) as update:
                     refined = sparse_aware_thresholds(
-                        written, p.info, text, stats_file, p.levels, o.method, o.attn, o, p.refine_tokens,
+                        written, o.model, p.info, text, stats_file, {t.name: t.make() for t in first}, p,
                         on_progress=update,
                     )  # fmt: skip
                     overwrite_thresholds(written, refined)
