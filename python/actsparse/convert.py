@@ -210,6 +210,14 @@ def _const(name: str, values: np.ndarray, qtype: GGMLQuantizationType) -> NewTen
     return NewTensor(name, (values.shape[1], values.shape[0]), qtype, lambda: values)
 
 
+def reuses_dense_windows(p: Plan) -> bool:
+    """Whether the sparse-aware pass reads the very windows of the dense calibration, whose own
+    thresholds then stand for its dense run (as when --refine-tokens equals --calib-tokens)."""
+    o = p.options
+    windows = -(-p.refine_tokens // o.window)
+    return o.load_stats is None and windows == -(-o.calib_tokens // o.window)
+
+
 def sparse_aware_thresholds(
     model: Path,
     dense_model: Path,
@@ -245,10 +253,12 @@ def sparse_aware_thresholds(
         levels = p.levels if level == 0 else [level]
         return {t.name: t.make() for t in threshold_tensors(info, stats, levels, o.method, o.attn)}
 
-    dense_subset = run(0, dense_model, 0.0)
+    same_windows = reuses_dense_windows(p)
+    dense_subset = dense_thresholds if same_windows else run(0, dense_model, 0.0)
+    first = 0 if same_windows else 1
     rows: dict[str, list[np.ndarray]] = {}
     for k, level in enumerate(p.levels):
-        for name, sparse in run(k + 1, model, level).items():
+        for name, sparse in run(k + first, model, level).items():
             dense_full, dense_sub = dense_thresholds[name][k], dense_subset[name][k]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(dense_sub > 0, sparse[0] / dense_sub, 1.0)
@@ -423,7 +433,8 @@ def convert(options: ConvertOptions) -> Path:
             gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
             if p.refine_tokens > 0:
                 text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
-                detail = f"(dense + {len(p.levels)} levels x {p.refine_tokens} tokens)"
+                dense_run = "" if reuses_dense_windows(p) else "dense + "
+                detail = f"({dense_run}{len(p.levels)} levels x {p.refine_tokens} tokens)"
                 with bar.stage("sparse-aware", detail) as update:
                     refined = sparse_aware_thresholds(
                         written, o.model, p.info, text, stats_file, {t.name: t.make() for t in first}, p,
