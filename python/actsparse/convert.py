@@ -91,7 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-file", type=Path, help="calibration text file (default: the project's corpus)")
     p.add_argument(
         "--calib-tokens", type=int, default=DEFAULT_TOKENS,
-        help=f"calibration tokens (default {DEFAULT_TOKENS})",
+        help=f"calibration tokens (default {DEFAULT_TOKENS}). More tokens make each layer's realized "
+        "sparsity closer to its level on other text, not the quality: on SmolLM2-135M at 0.5, the "
+        "worst layer on held-out text misses by 0.030 / 0.025 / 0.024 with 4,096 / 16,384 / 65,536 "
+        "tokens, at a mean KLD of 0.225 / 0.229 / 0.230 (docs/gguf-format.md). Conversion time "
+        "grows with it: about one forward pass over these tokens, plus the sparse-aware pass",
     )  # fmt: skip
     p.add_argument(
         "--refine-tokens", type=int, default=None, metavar="N",
