@@ -39,8 +39,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <map>
 #include <set>
 #include <sstream>
 #include <string>
