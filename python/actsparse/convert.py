@@ -411,6 +411,15 @@ def convert(options: ConvertOptions) -> Path:
     o = p.options
     copies = transposed_tensors(p.info, o.attn, o.transposed_type)
     bar = StagedProgress(progress_stages(p, sum(t.nbytes for t in copies)), enabled=not o.quiet)
+    try:
+        return _convert(p, copies, bar)
+    except BaseException:
+        bar.close()  # the error that follows starts a line of its own
+        raise
+
+
+def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
+    o = p.options
     with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
         if o.load_stats is None:
             with bar.stage("statistics", f"({o.calib_tokens} tokens, dense)") as update:

@@ -47,10 +47,6 @@ class StagedProgress:
 
     def __post_init__(self) -> None:
         self._by_name = {s.name: s for s in self.stages}
-        self._bar = tqdm(
-            total=self._estimate(), disable=not self.enabled, dynamic_ncols=True, file=sys.stderr,
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
-        )  # fmt: skip
 
     def _seconds(self, s: Stage, units: float) -> float:
         """Seconds that `units` of stage s take: as measured once it has finished, else estimated."""
@@ -65,8 +61,13 @@ class StagedProgress:
         return sum(self._seconds(s, s.done) for s in self.stages)
 
     def _refresh(self, desc: str, force: bool = True) -> None:
-        if self._bar is None or not self.enabled:
-            return
+        if not self.enabled or not any(s.done for s in self.stages):
+            return  # drawn from the first unit done: an input refused at once prints only its error
+        if self._bar is None:
+            self._bar = tqdm(
+                total=self._estimate(), dynamic_ncols=True, file=sys.stderr,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+            )  # fmt: skip
         now = time.perf_counter()
         if not force and now - self._last_refresh < 0.25:
             return
@@ -101,5 +102,6 @@ class StagedProgress:
         """Ends the bar; returns one line with each stage's time."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         parts = [f"{s.name} {s.seconds:.1f} s" for s in self.stages if s.seconds > 0]
         return ", ".join(parts) + f"; total {sum(s.seconds for s in self.stages):.1f} s"
