@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 # Targets of the pinned llama.cpp plus our own tools.
 LLAMA_TARGETS := llama-cli llama-completion llama-server llama-bench llama-perplexity llama-quantize \
-                 actsparse-calibrate actsparse-bench-kernels actsparse-test-kernels actsparse-test-kernels-asan
+                 actsparse-calibrate actsparse-bench-kernels actsparse-bench-reads actsparse-test-kernels actsparse-test-kernels-asan
 ifneq ($(filter x86_64 amd64,$(shell uname -m)),)
 LLAMA_TARGETS += actsparse-test-kernels-avx512bw actsparse-test-kernels-avx2 actsparse-test-kernels-scalar  # narrower SIMD builds of the tests
 endif

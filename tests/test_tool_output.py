@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actsparse import engine, schema, tool_output
@@ -77,9 +79,18 @@ def test_completion_speed_and_decode_sparsity_are_read(small_sparse_model: Path,
                 "--sparse-stats-file", stats_file)  # fmt: skip
     tps = tool_output.decode_tokens_per_second(proc.stderr)
     assert tps is not None and tps > 0
-    overall = tool_output.sparsity_stats(stats_file, "decode")["overall"]
-    assert overall["ffn"] == pytest.approx(LEVEL, abs=0.1)
+    stats = tool_output.sparsity_stats(stats_file, "decode")
+    assert stats["overall"]["ffn"] == pytest.approx(LEVEL, abs=0.1)
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file, renamed
+    # each channel's share of the decoded tokens, whose mean is the layer's active fraction
+    activity = tool_output.channel_activity(stats_file)
+    assert len(activity["ffn"]) == len(stats["layers"])
+    for layer, row in zip(activity["ffn"], stats["layers"], strict=True):
+        assert layer.size > 0 and ((layer >= 0) & (layer <= 1)).all()
+        assert layer.mean() == pytest.approx(1 - row["ffn"], abs=1e-6)
+    tokens = json.loads(stats_file.read_text())["decode_tokens"]
+    assert 14 <= tokens <= 16  # whole tokens of the 16 generated, the first one's batch the prompt's
+    assert all(np.allclose(layer * tokens, np.round(layer * tokens), atol=1e-6) for layer in activity["ffn"])
 
 
 def test_a_missing_or_damaged_stats_file_is_one_line(tmp_path: Path) -> None:

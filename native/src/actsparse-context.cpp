@@ -6,6 +6,7 @@
 #include "llama-context.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -53,6 +54,7 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
         std::snprintf(buf, sizeof buf, "%g", level);
         return fail(std::string("sparsity level ") + buf + " is not in the model; available: " + levels_text(sm));
     }
+    place_gathered_weights(sm, *llama_get_model(ctx));
     auto st = std::make_unique<actsparse_context>();
     st->model = sm;
     st->level = idx;
@@ -64,6 +66,7 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     for (auto & phase_stats : st->stats) {
         for (size_t il = 0; il < n_layer; ++il) phase_stats.emplace_back(new counters[N_KINDS]);
     }
+    for (auto & per_layer : st->active_tokens) per_layer.resize(n_layer);
     for (size_t i = 0; i < sm->layers.size(); ++i) {
         for (int k = 0; k < N_KINDS; ++k) {
             for (int ph = 0; ph < N_PHASES; ++ph) {
@@ -167,8 +170,32 @@ extern "C" void actsparse_print_stats_at_exit(llama_context * ctx, bool on) {
     if (st) st->print_at_exit = on;
 }
 
-static std::string stats_json(const actsparse_context * st) {
+// "decode_tokens": n, "decode_channels": {"ffn": [[tokens each channel of layer 0 was active in,
+// ...], ...], ...}
+static std::string channels_json(const actsparse_context & st) {
+    uint64_t tokens = 0;  // every sparse op of a decode step counts the same tokens
+    for (size_t il = 0; il < st.stats[PHASE_DECODE].size(); ++il) {
+        for (int k = 0; k < N_KINDS; ++k) {
+            const size_t n = st.active_tokens[k][il].size();
+            if (n) tokens = std::max<uint64_t>(tokens, st.stats[PHASE_DECODE][il][k].total / n);
+        }
+    }
+    std::string js = "\"decode_tokens\": " + std::to_string(tokens) + ", \"decode_channels\": {";
+    for (int k = 0; k < N_KINDS; ++k) {
+        js += std::string(k ? "], \"" : "\"") + ACTSPARSE_KINDS[k].name + "\": [";
+        for (size_t il = 0; il < st.active_tokens[k].size(); ++il) {
+            js += il ? ", [" : "[";
+            const auto & tokens = st.active_tokens[k][il];
+            for (size_t i = 0; i < tokens.size(); ++i) js += (i ? "," : "") + std::to_string(tokens[i]);
+            js += "]";
+        }
+    }
+    return js + "]}";
+}
+
+static std::string stats_json(const actsparse_context * st, bool with_channels = false) {
     std::string js = "{" + stats_json_members(st, PHASE_DECODE);
+    if (st && with_channels) js += ", " + channels_json(*st);
     js += ", \"prefill\": {" + stats_json_members(st, PHASE_PREFILL) + "}";
     if (st && st->checked > 0) {
         uint32_t bits = st->check_max_rel_err_bits.load();
@@ -194,7 +221,7 @@ extern "C" void actsparse_write_stats_at_exit(llama_context * ctx, const char * 
 // Written beside the destination and renamed, so a reader never sees half a file.
 static void write_stats_file(const actsparse_context & st) {
     const std::string tmp = st.stats_file + ".tmp";
-    const std::string js = stats_json(&st) + "\n";
+    const std::string js = stats_json(&st, true) + "\n";
     FILE * f = std::fopen(tmp.c_str(), "w");
     bool ok = f != nullptr;
     if (f) {

@@ -42,13 +42,6 @@ static ggml_tensor * masked(ggml_context * ctx0, ggml_tensor * x, ggml_tensor * 
 
 // ---- graph building ---------------------------------------------------------------------------
 
-static bool plain_cpu_weight(const ggml_tensor * w) {
-    // weights in the CPU backend's extra buffers ("CPU_REPACK", ...) are not in ggml's row layout
-    if (!w || !w->buffer) return false;
-    const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
-    return std::strcmp(name, "CPU") == 0 || std::strcmp(name, "CPU_Mapped") == 0;
-}
-
 enum decode_kernels { DECODE_KERNELS_AUTO, DECODE_KERNELS_ALL, DECODE_KERNELS_NONE };
 
 // ACTSPARSE_DECODE_KERNELS: "auto" (default), "all" (every sparse product through the input-sparse

@@ -81,9 +81,13 @@ static const selection & select_active(const op_params * p, const ggml_tensor * 
             for (int64_t i = 0; i < sel.k; ++i) active[sel.idx[i]] = 1;
             trace_record(p, std::move(active));
         }
-        counters & c = p->state->stats[PHASE_DECODE][p->model->layers[p->il].il][p->kind];
+        const int il = p->model->layers[p->il].il;
+        counters & c = p->state->stats[PHASE_DECODE][il][p->kind];
         c.zero += (uint64_t) (n - sel.k);
         c.total += (uint64_t) n;
+        std::vector<uint32_t> & tokens = p->state->active_tokens[p->kind][il];
+        tokens.resize(n);
+        for (int64_t i = 0; i < sel.k; ++i) tokens[sel.idx[i]]++;
     }
     return sel;
 }

@@ -7,6 +7,7 @@
 //   actsparse-trace.cpp    the mask trace (tests)
 //   actsparse-ops.cpp      the custom ops: mask, select + up rows, accumulate, check
 //   actsparse-graph.cpp    graph building: actsparse_build_ffn, actsparse_build_mm
+//   actsparse-layout.cpp   where decode's gathered weights live (huge pages)
 #pragma once
 
 #include "actsparse.h"
@@ -20,6 +21,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -41,6 +43,13 @@ struct sparse_layer {
     ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
 };
 
+// The anonymous region that decode's gathered weights were moved into (actsparse-layout.cpp).
+struct gathered_region {
+    void * base = nullptr;
+    size_t size = 0;
+    ~gathered_region();
+};
+
 struct weight_ref {
     int il;  // index into actsparse_model::layers
     op_kind kind;
@@ -59,6 +68,9 @@ struct actsparse_model {
     // The products whose input is sparse, found by weight: build_lora_mm, where attention's q and o
     // products are built, knows no layer index.
     std::unordered_map<const ggml_tensor *, actsparse_detail::weight_ref> by_weight;
+    // Set once, by the first context that decodes sparsely (place_gathered_weights).
+    mutable std::once_flag placed;
+    mutable actsparse_detail::gathered_region gathered;
 };
 
 namespace actsparse_detail {
@@ -90,6 +102,10 @@ struct actsparse_context {
     // sparse kernels skip; prefill is counted apart so evaluations over batched text can report
     // the sparsity they measured under.
     std::vector<std::unique_ptr<actsparse_detail::counters[]>> stats[actsparse_detail::N_PHASES];
+    // Decode, per kind, per model layer, per input channel: the tokens it was active in (thread 0
+    // of each op counts; written to --sparse-stats-file, where actsparse bench reads how often each
+    // gathered row is read).
+    std::vector<std::vector<uint32_t>> active_tokens[ACTSPARSE_N_KINDS];
     std::deque<actsparse_detail::op_params> params;  // stable addresses for op userdata
     std::map<std::pair<int, int>, actsparse_detail::op_params *> by_layer_kind[actsparse_detail::N_PHASES];
     std::atomic<uint64_t> checked{0};
@@ -105,6 +121,15 @@ const sparse_model * find_model(const llama_model * model);
 
 // The index of `level` among the model's levels (the last within ACTSPARSE_LEVEL_TOLERANCE), or -1.
 int level_index(const sparse_model * sm, float level);
+
+// ---- actsparse-layout.cpp
+
+// Whether a weight is in ggml's plain row layout in host memory (not a repacked CPU buffer).
+bool plain_cpu_weight(const ggml_tensor * w);
+
+// Moves the weights sparse decode gathers rows from (plain ffn_up of sparse layers, the transposed
+// copies) onto huge pages, once per model; called before a context first decodes sparsely.
+void place_gathered_weights(const sparse_model * sm, const llama_model & model);
 
 // ---- actsparse-trace.cpp
 

@@ -1,19 +1,22 @@
 """`actsparse bench`: dense against sparse decode and prefill in one run, next to the
-bytes-per-token ceiling and to what this machine's memory system allows.
+bytes-per-token ceiling and to the memory bound.
 
 Each repeat runs llama-bench once per level (0 = dense first), so the levels interleave
 (A B C A B C ...) and drift on a shared machine hits them alike; the report gives medians.
 
-The ceiling counts every weight byte alike. Sparse decode reads some of them gathered (the active
-rows of ffn_up and of the transposed copies), and a memory system reads gathered rows more slowly
-than it streams a whole matrix: the memory bound prices the gathered bytes at the cost measured
-here by actsparse-bench-kernels (the same rows read with no arithmetic, active rows alone against
-every row) at the level's realized sparsity.
+The ceiling counts every weight byte alike. The memory bound is measured: actsparse-bench-reads
+reads the same bytes one decode step reads, in buffers of the same sizes, gathered rows drawn with
+each channel's measured probability of being active, split between threads as the runtime splits
+them, with no arithmetic. A decode step reads at least those bytes, so it takes at least that time:
+the bound is dense decode's measured time over it, and the fraction reached is that time over the
+level's measured decode time. It includes what the memory system does to gathered rows (a gathered
+byte costs more than a streamed one: `gathered_read_cost`) and what the caches hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -57,8 +60,8 @@ class LevelResult:
     ceiling: float = 1.0
     streamed_bytes: float = 0.0  # weight bytes per token read whole
     gathered_bytes: float = 0.0  # and as gathered active rows
-    gathered_read_cost: float = 1.0  # time per gathered byte over time per streamed byte, measured
-    memory_bound: float = 1.0  # the ceiling with gathered bytes priced at that cost
+    reads_seconds: float = 0.0  # the step's weight reads alone, measured (reads_seconds_per_token)
+    gathered_read_cost: float = 1.0  # time per gathered byte over time per streamed byte, in those reads
 
     @property
     def decode_median(self) -> float:
@@ -83,20 +86,55 @@ class LevelResult:
         )
 
 
-def weight_bytes_read(
-    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
-) -> tuple[float, float]:
-    """Weight bytes one decode step reads, as (streamed, gathered): every matrix it multiplies
-    (the output layer included, token_embd only when it doubles as the output) is read whole,
-    except, with sparsity (realized s_*, at target `level`), ffn_up and each transposed copy the
-    runtime chooses to read, of which only the active rows are read (gathered), at their real type."""
+@dataclass(frozen=True)
+class WeightRead:
+    """One matrix a decode step reads: whole (streamed) or only its active rows (gathered)."""
+
+    name: str
+    row_bytes: int
+    rows: int
+    active: np.ndarray | None = None  # gathered: each row's probability of being read
+
+    @property
+    def nbytes(self) -> float:
+        return float(self.row_bytes * (self.rows if self.active is None else self.active.sum()))
+
+
+Activity = dict[str, list[np.ndarray]]  # kind name -> per layer, each channel's fraction of tokens active
+
+
+def uniform_activity(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0) -> Activity:
+    """Every channel of a kind active with the same probability: 1 - its realized sparsity."""
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
-    nbytes = {name: t.n_bytes for name, t in tensors.items()}
-    streamed = gathered = 0.0
-    for name, n in nbytes.items():
+    sparsity = dict(zip((k.name for k in schema.KINDS), (s_ffn, s_q, s_o), strict=True))
+    out: Activity = {}
+    for kind in schema.KINDS:
+        layers: list[np.ndarray] = []
+        out[kind.name] = layers
+        if sparsity[kind.name] <= 0:
+            continue  # read whole
+        for il in itertools.count():
+            copy = tensors.get(kind.copy_name(il))
+            if copy is None:
+                break
+            layers.append(np.full(int(copy.shape[1]), 1.0 - sparsity[kind.name]))
+    return out
+
+
+def decode_reads(
+    path: Path, level: float | None = None, activity: Activity | None = None
+) -> list[WeightRead]:
+    """The weight reads of one decode step, in file order: every matrix it multiplies (the output
+    layer included, token_embd only when it doubles as the output) is read whole, except, at a
+    sparse `level` with each channel's measured `activity`, ffn_up and each transposed copy the
+    runtime chooses to read (schema.sparse_kernel_pays), of which only the active rows are read, at
+    their real type. Without a level: dense decode of the original tensors."""
+    tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
+    reads = []
+    for name, t in tensors.items():
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", name)
         kind = m.group(2) if m else name
-        shape = tensors[name].shape
+        shape = t.shape
         if (
             not name.endswith(".weight")
             or schema.is_sparsity_tensor(name)
@@ -105,19 +143,48 @@ def weight_bytes_read(
             or int(shape[1]) == 1
         ):
             continue
-        if name == "token_embd.weight" and "output.weight" in nbytes:
+        if name == "token_embd.weight" and "output.weight" in tensors:
             continue  # only gathered
-        sparse_kind = next((k for k in schema.KINDS if k.weight_kind == kind), None)
-        copy_bytes = nbytes.get(sparse_kind.copy_name(int(m.group(1)))) if sparse_kind and m else None
-        s = {"ffn_up": s_ffn, "ffn_down": s_ffn, "attn_q": s_q, "attn_output": s_o}.get(kind, 0.0)
-        target = s if level is None else level
-        if kind == "ffn_up" and s > 0:
-            gathered += (1 - s) * n
-        elif copy_bytes and s > 0 and schema.sparse_kernel_pays(target, copy_bytes, n):
-            gathered += (1 - s) * copy_bytes
+        rows = int(np.prod(shape[1:]))
+        whole = WeightRead(name, t.n_bytes // rows, rows)
+        sparse_kind = next(
+            (k for k in schema.KINDS if kind in (k.weight_kind, "ffn_up" if k is schema.FFN else "")), None
+        )
+        layer_activity = None
+        if level is not None and activity is not None and sparse_kind and m:
+            layers = activity.get(sparse_kind.name, [])
+            il = int(m.group(1))
+            layer_activity = layers[il] if il < len(layers) and len(layers[il]) else None
+        if layer_activity is None:
+            reads.append(whole)
+            continue
+        if kind == "ffn_up":
+            reads.append(WeightRead(name, whole.row_bytes, rows, layer_activity))
+            continue
+        copy = tensors[sparse_kind.copy_name(int(m.group(1)))]
+        if schema.sparse_kernel_pays(level, copy.n_bytes, t.n_bytes):
+            copy_rows = int(np.prod(copy.shape[1:]))
+            reads.append(WeightRead(copy.name, copy.n_bytes // copy_rows, copy_rows, layer_activity))
         else:
-            streamed += n
-    return streamed, gathered
+            reads.append(whole)
+    return reads
+
+
+def split_bytes(reads: list[WeightRead]) -> tuple[float, float]:
+    """(streamed, gathered) bytes of a decode step's reads."""
+    streamed = sum(r.nbytes for r in reads if r.active is None)
+    return streamed, sum(r.nbytes for r in reads if r.active is not None)
+
+
+def weight_bytes_read(
+    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
+) -> tuple[float, float]:
+    """Weight bytes one decode step reads, as (streamed, gathered), with every channel of a kind
+    equally likely to be active (realized sparsity s_*, at target `level`; decode_reads)."""
+    if not (s_ffn or s_q or s_o):
+        return split_bytes(decode_reads(path))
+    activity = uniform_activity(path, s_ffn, s_q, s_o)
+    return split_bytes(decode_reads(path, s_ffn if level is None else level, activity))
 
 
 def weight_bytes_per_token(
@@ -127,15 +194,29 @@ def weight_bytes_per_token(
     return sum(weight_bytes_read(path, s_ffn, s_q, s_o, level))
 
 
-def gathered_read_cost(threads: int, sparsity: float, repeats: int = 5) -> float:
-    """Time per byte reading the active rows of a matrix larger than the caches, over time per
-    byte streaming all of its rows (actsparse-bench-kernels, no arithmetic): 1 where gathering
-    costs nothing extra."""
-    cmd = [str(engine.binary("actsparse-bench-kernels")), "--json", "--types", "q8_0", "-t", str(threads),
-           "-s", f"{min(max(sparsity, 0.0), 0.95):.3f}", "-r", str(repeats)]  # fmt: skip
-    out, _ = _run(cmd)
-    row = json.loads(out)["types"][0]
-    return row["read_all_gbs"] / row["read_active_gbs"]
+def huge_pages_on() -> bool:
+    """Whether the runtime moves the gathered weights onto huge pages (ACTSPARSE_HUGE_PAGES)."""
+    return os.environ.get("ACTSPARSE_HUGE_PAGES", "1") != "0"
+
+
+def reads_seconds_per_token(reads: list[WeightRead], threads: int, repeats: int = 3) -> float:
+    """The time this machine takes for a decode step's weight reads alone, with no arithmetic
+    (actsparse-bench-reads: the same sizes, rows drawn with the measured probabilities, the runtime's
+    split between threads, huge pages where the runtime uses them). Decode cannot be faster."""
+    with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
+        plan = Path(tmp) / "reads.txt"
+        with plan.open("w") as f:
+            for r in reads:
+                if r.active is None:
+                    f.write(f"stream {r.row_bytes * r.rows}\n")
+                else:
+                    probs = " ".join(f"{p:.4g}" for p in np.clip(r.active, 0.0, 1.0))
+                    f.write(f"gather {r.row_bytes} {r.rows} {probs}\n")
+        cmd = [str(engine.binary("actsparse-bench-reads")), str(plan), "-t", str(threads), "-r", str(repeats)]
+        if not huge_pages_on():
+            cmd.append("--small-pages")
+        out, _ = _run(cmd)
+    return float(json.loads(out)["seconds_per_token"])
 
 
 def _run(cmd: list[str]) -> tuple[str, float]:
@@ -162,8 +243,9 @@ def llama_bench(
     return decode, prefill, rss
 
 
-def realized_sparsity(model: Path, level: float, threads: int) -> dict[str, float]:
-    """Overall realized sparsity of 64 decoded tokens at `level` (0 for a kind never sparsified)."""
+def realized_sparsity(model: Path, level: float, threads: int) -> tuple[dict[str, float], Activity]:
+    """Overall realized sparsity of 64 decoded tokens at `level` (0 for a kind never sparsified),
+    and how often each channel was active in them."""
     with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         stats_file = Path(tmp) / "sparsity.json"
         cmd = [str(engine.binary("llama-completion")), "-m", str(model),
@@ -174,7 +256,8 @@ def realized_sparsity(model: Path, level: float, threads: int) -> dict[str, floa
         if proc.returncode != 0:
             raise RuntimeError("llama-completion --sparse failed")
         overall = tool_output.sparsity_stats(stats_file, "decode")["overall"]
-    return {kind.name: overall[kind.name] or 0.0 for kind in schema.KINDS}
+        activity = tool_output.channel_activity(stats_file)
+    return {kind.name: overall[kind.name] or 0.0 for kind in schema.KINDS}, activity
 
 
 def read_bandwidth_gbs(size_mb: int = 512) -> float:
@@ -259,23 +342,34 @@ def measure(options: BenchOptions) -> dict[str, Any]:
             if not options.quiet:
                 pre = "" if prefill is None else f", prefill {prefill:.2f} t/s"
                 print(f"level {r.level:g}: decode {decode:.2f} t/s{pre}", file=sys.stderr)
-    dense_bytes = weight_bytes_per_token(model)
+    dense_reads = decode_reads(model)
+    dense_bytes = sum(split_bytes(dense_reads))
+    results[0].streamed_bytes = dense_bytes
+    results[0].reads_seconds = reads_seconds_per_token(dense_reads, threads)
+    stream_rate = dense_bytes / results[0].reads_seconds
     for r in results[1:]:
-        r.realized = realized_sparsity(model, r.level, threads)
-        r.streamed_bytes, r.gathered_bytes = weight_bytes_read(model, *r.realized.values(), level=r.level)
+        r.realized, activity = realized_sparsity(model, r.level, threads)
+        reads = decode_reads(model, r.level, activity)
+        r.streamed_bytes, r.gathered_bytes = split_bytes(reads)
         r.ceiling = dense_bytes / (r.streamed_bytes + r.gathered_bytes)
-        r.gathered_read_cost = gathered_read_cost(threads, r.realized["ffn"])
-        r.memory_bound = dense_bytes / (r.streamed_bytes + r.gathered_bytes * r.gathered_read_cost)
+        r.reads_seconds = reads_seconds_per_token(reads, threads)
+        if r.gathered_bytes > 0:
+            r.gathered_read_cost = (
+                (r.reads_seconds - r.streamed_bytes / stream_rate) * stream_rate / r.gathered_bytes
+            )
     report: dict[str, Any] = {
         "model": str(model),
         "machine": machine_info(),
         "threads": threads, "repeats": options.repeats, "n_prompt": options.n_prompt, "n_gen": options.n_gen,
         "dense_weight_bytes_per_token": dense_bytes,
+        "stream_rate_gbs": stream_rate / 1e9,
+        "huge_pages": huge_pages_on(),
         "levels": [],
     }  # fmt: skip
     dense = results[0]
     for r in results:
         ratio, pratio = r.ratios(dense)
+        of_bound = r.reads_seconds * r.decode_median  # the reads' share of a decode step's time
         report["levels"].append(
             asdict(r) | {
                 "decode_median": r.decode_median,
@@ -283,7 +377,8 @@ def measure(options: BenchOptions) -> dict[str, Any]:
                 "decode_ratio": ratio,
                 "prefill_ratio": pratio if r.prefill_tps else None,
                 "efficiency": ratio / r.ceiling,
-                "of_memory_bound": ratio / r.memory_bound,
+                "memory_bound": ratio / of_bound,
+                "of_memory_bound": of_bound,
             }
         )  # fmt: skip
     return report
@@ -291,15 +386,22 @@ def measure(options: BenchOptions) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"{'level':>6} {'decode t/s':>11} {'x dense':>8} {'ceiling':>8} {'eff.':>6} {'mem bound':>10} "
-             f"{'of bound':>9} {'prefill t/s':>12} {'x dense':>8} {'peak MB':>8}"]  # fmt: skip
+             f"{'of bound':>9} {'MB read':>8} {'gathered':>9} {'cost':>5} {'prefill t/s':>12} {'x dense':>8} "
+             f"{'peak MB':>8}"]  # fmt: skip
     for e in report["levels"]:
         prefill = "-" if e["prefill_median"] is None else f"{e['prefill_median']:.2f}"
         pratio = "-" if e["prefill_ratio"] is None else f"{e['prefill_ratio']:.3f}"
+        read = (e["streamed_bytes"] + e["gathered_bytes"]) / 1e6
+        cost = f"{e['gathered_read_cost']:.2f}" if e["gathered_bytes"] else "-"
         lines.append(
             f"{e['level']:6g} {e['decode_median']:11.2f} {e['decode_ratio']:8.3f} {e['ceiling']:8.3f} "
-            f"{e['efficiency']:6.0%} {e['memory_bound']:10.3f} {e['of_memory_bound']:9.0%} "
-            f"{prefill:>12} {pratio:>8} {e['peak_rss_mb']:8.0f}"
+            f"{e['efficiency']:6.0%} {e['memory_bound']:10.3f} {e['of_memory_bound']:9.0%} {read:8.0f} "
+            f"{e['gathered_bytes'] / 1e6:9.0f} {cost:>5} {prefill:>12} {pratio:>8} {e['peak_rss_mb']:8.0f}"
         )
+    lines.append(
+        f"mem bound: dense decode's time over the time this machine takes to read the level's weight bytes "
+        f"alone (streams at {report['stream_rate_gbs']:.1f} GB/s; a gathered byte costs 'cost' streamed ones)"
+    )
     return "\n".join(lines)
 
 
@@ -332,7 +434,7 @@ def plot(report: dict, path: Path) -> None:
     ax.plot(levels, [e["decode_ratio"] for e in report["levels"]], "o-", label="decode, measured")
     ax.plot(levels, [e["ceiling"] for e in report["levels"]], "s--", label="bytes-per-token ceiling")
     ax.plot(
-        levels, [e["memory_bound"] for e in report["levels"]], "d-.", label="memory bound (gathered reads)"
+        levels, [e["memory_bound"] for e in report["levels"]], "d-.", label="memory bound (the reads alone)"
     )
     if all(e["prefill_ratio"] is not None for e in report["levels"]):
         ax.plot(levels, [e["prefill_ratio"] for e in report["levels"]], "^:", label="prefill, measured")

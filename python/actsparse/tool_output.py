@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import schema
 
 _FLOAT = r"([-+]?[\d.]+(?:e[-+]?\d+)?|nan|inf)"
@@ -66,4 +68,21 @@ def sparsity_stats(path: Path, phase: str = "decode") -> dict[str, Any]:
     return {
         "overall": {k: part["overall"].get(k) for k in kinds},
         "layers": [{"layer": row["layer"], **{k: row.get(k) for k in kinds}} for row in part["layers"]],
+    }
+
+
+def channel_activity(path: Path) -> dict[str, list[np.ndarray]]:
+    """How often each input channel was active during decode, from a `--sparse-stats-file`: per
+    kind, per layer, the fraction of decoded tokens each channel was active in (an empty array for a
+    layer where the kind was not sparse)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ToolOutputError(f"no readable sparsity statistics in {path} ({e.__class__.__name__})") from None
+    tokens, channels = doc.get("decode_tokens"), doc.get("decode_channels")
+    if not isinstance(tokens, int) or tokens <= 0 or not isinstance(channels, dict):
+        raise ToolOutputError(f"{path} has no per-channel decode statistics")
+    return {
+        k.name: [np.asarray(layer, dtype=np.float64) / tokens for layer in channels.get(k.name, [])]
+        for k in schema.KINDS
     }
