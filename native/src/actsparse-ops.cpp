@@ -183,6 +183,72 @@ void actsparse_detail::op_axpy(ggml_tensor * dst, int ith, int nth, void * userd
     }
 }
 
+// The FFN of one decode token in one op: y = sum over the active channels k of h_k W_down_t[k, :],
+// h_k = a_k (W_up[k] . x). Each half of the active channels goes to its own row of dst, chunk by
+// chunk: a chunk's up rows, then its copy rows, so that a channel's two rows are read close
+// together (next to each other where the layout bundles them, actsparse-layout.cpp). With more
+// than two threads a half's columns are split further, each thread computing its chunks' up dots.
+static constexpr int64_t FFN_CHUNK = 64;  // active channels per chunk, a multiple of the accumulate's 16
+
+static void prefetch_row(const char * p, size_t n) {
+    for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + o);
+}
+
+void actsparse_detail::op_ffn_decode(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    op_params * p = (op_params *) userdata;
+    const ggml_tensor * a = dst->src[0];
+    const ggml_tensor * up = dst->src[2];
+    const ggml_tensor * x = dst->src[3];
+    const ggml_tensor * wt = dst->src[4];
+    const int64_t ncols = wt->ne[0];
+    const selection & sel = select_active(p, a, dst->src[1], ith);
+    const int g = ith % AXPY_ROW_GROUPS;
+    const int gi = ith / AXPY_ROW_GROUPS;
+    const int gn = (nth - g + AXPY_ROW_GROUPS - 1) / AXPY_ROW_GROUPS;
+    const int64_t k = sel.k, k0 = k * g / AXPY_ROW_GROUPS, k1 = k * (g + 1) / AXPY_ROW_GROUPS;
+    const int64_t bs = ggml_blck_size(wt->type), nblocks = ncols / bs;
+    const int64_t c0 = nth == 1 ? 0 : nblocks * gi / gn * bs;
+    const int64_t c1 = nth == 1 ? ncols : gi == gn - 1 ? ncols : nblocks * (gi + 1) / gn * bs;
+    float * y = (float *) dst->data + (nth == 1 ? 0 : g) * ncols;
+    if (c0 < c1) {
+        std::memset(y + c0, 0, (size_t) (c1 - c0) * sizeof(float));
+        const ggml_type vdt = ggml_get_type_traits_cpu(up->type)->vec_dot_type;
+        thread_local std::vector<char> xq;
+        thread_local std::vector<float> h, part;
+        xq.resize(ggml_row_size(vdt, x->ne[0]));
+        if (vdt == GGML_TYPE_F32) {
+            std::memcpy(xq.data(), x->data, x->ne[0] * sizeof(float));
+        } else {
+            ggml_get_type_traits_cpu(vdt)->from_float((const float *) x->data, xq.data(), x->ne[0]);
+        }
+        h.resize(FFN_CHUNK);
+        part.resize(ncols);
+        const int64_t hi = nth == 1 ? k : k1;
+        const int64_t ahead = actsparse_prefetch_rows(wt->nb[1]);
+        for (int64_t j = nth == 1 ? 0 : k0; j < hi; j += FFN_CHUNK) {
+            const int64_t n = std::min(FFN_CHUNK, hi - j);
+            // the kernels prefetch within a chunk; the next chunk's first rows are fetched here
+            for (int64_t q = j + n; q < std::min(hi, j + n + ahead); ++q) {
+                prefetch_row((const char *) up->data + (size_t) sel.idx[q] * up->nb[1], ggml_row_size(up->type, up->ne[0]));
+                prefetch_row((const char *) wt->data + (size_t) sel.idx[q] * wt->nb[1] + c0 / bs * ggml_type_size(wt->type),
+                             (size_t) (c1 - c0) / bs * ggml_type_size(wt->type));
+            }
+            actsparse_rows_dot(up->type, up->data, up->nb[1], up->ne[0], sel.idx.data() + j, sel.val.data() + j,
+                               xq.data(), h.data(), 0, n);
+            actsparse_axpy_rows(wt->type, wt->data, wt->nb[1], sel.idx.data() + j, h.data(), n, part.data(), c0, c1);
+            for (int64_t c = c0; c < c1; ++c) y[c] += part[c];
+        }
+    }
+    if (nth == 1) return;
+    if (p->arrived.fetch_add(1, std::memory_order_acq_rel) == nth - 1) {
+        float * rows = (float *) dst->data;
+        for (int r = 1; r < AXPY_ROW_GROUPS; ++r) {
+            for (int64_t c = 0; c < ncols; ++c) rows[c] += rows[r * ncols + c];
+        }
+        p->arrived.store(0, std::memory_order_relaxed);  // the next graph runs after a barrier
+    }
+}
+
 // ---- decode check -----------------------------------------------------------------------------
 
 // ACTSPARSE_CHECK_DECODE: src[0] the sparse product, src[1] the dense one of the same masked
