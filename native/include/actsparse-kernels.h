@@ -42,10 +42,6 @@ ACTSPARSE_KERNEL_API void actsparse_rows_dot(enum ggml_type type, const void * w
 ACTSPARSE_KERNEL_API void actsparse_axpy_rows(enum ggml_type type, const void * w, size_t row_bytes, const int32_t * idx,
                          const float * val, int64_t n, float * y, int64_t c0, int64_t c1);
 
-// Rows gathered by index, which the hardware prefetcher cannot follow, are prefetched this many
-// rows of row_bytes ahead: ACTSPARSE_PREFETCH_BYTES (default 8192) of reads, 2 to 64 rows.
-ACTSPARSE_KERNEL_API int64_t actsparse_prefetch_rows(size_t row_bytes);
-
 // Whether actsparse_axpy_rows rounds val to 8 bits (per 16 rows and 16 columns, as ggml's dense dot
 // products round their inputs) for this type: packed types on x86 with AVX2 or AVX-512 and on
 // aarch64 with the dot-product extension, which accumulate in integer dot-product instructions.

@@ -40,15 +40,6 @@ static ggml_tensor * masked(ggml_context * ctx0, ggml_tensor * x, ggml_tensor * 
                           GGML_N_TASKS_MAX, p);
 }
 
-// The decode FFN y checked against the dense products of the same masked activations; the dense
-// reference reads W_down^T back from the copy, so only the kernels differ.
-static ggml_tensor * with_ffn_check(ggml_context * ctx0, ggml_tensor * y, ggml_tensor * g, ggml_tensor * thr,
-                                    ggml_tensor * up, ggml_tensor * cur, ggml_tensor * wt, op_params * p) {
-    ggml_tensor * hd = ggml_mul(ctx0, masked(ctx0, g, thr, p), ggml_mul_mat(ctx0, up, cur));
-    ggml_tensor * down = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32)));
-    return with_check(ctx0, y, ggml_mul_mat(ctx0, down, hd), p);
-}
-
 // ---- graph building ---------------------------------------------------------------------------
 
 enum decode_kernels { DECODE_KERNELS_AUTO, DECODE_KERNELS_ALL, DECODE_KERNELS_NONE };
@@ -66,16 +57,6 @@ static decode_kernels decode_kernels_mode() {
         return DECODE_KERNELS_AUTO;
     }();
     return mode;
-}
-
-// ACTSPARSE_FUSED_FFN=0: the decode FFN as two ops (the active channels' up products, then the
-// accumulate), to measure what one op that reads each channel's two rows together buys.
-static bool fused_ffn() {
-    static const bool on = [] {
-        const char * v = std::getenv("ACTSPARSE_FUSED_FFN");
-        return !v || std::strcmp(v, "0") != 0;
-    }();
-    return on;
 }
 
 static bool decode_kernels_enabled() {
@@ -128,13 +109,6 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
         const bool down_sparse = sparse_kernel_pays(down, wt, st);
-        if (down_sparse && fused_ffn()) {
-            ggml_tensor * srcs[] = { g, thr, up, cur, wt };
-            ggml_tensor * rows = ggml_custom_4d(ctx0, GGML_TYPE_F32, wt->ne[0], AXPY_ROW_GROUPS, 1, 1, srcs, 5,
-                                                op_ffn_decode, GGML_N_TASKS_MAX, p);
-            ggml_tensor * y = ggml_view_1d(ctx0, rows, wt->ne[0], 0);
-            return check_decode() ? with_ffn_check(ctx0, y, g, thr, up, cur, wt, p) : y;
-        }
         ggml_tensor * srcs_sel[] = { g, thr, up, cur };
         ggml_tensor * list = ggml_custom_4d(ctx0, GGML_TYPE_F32, SEL_HEADER + (down_sparse ? 2 : 3) * n_ff, 1, 1, 1,
                                             srcs_sel, 4, op_select_up, GGML_N_TASKS_MAX, p);
@@ -143,7 +117,13 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
             return ggml_mul_mat(ctx0, down, ggml_view_1d(ctx0, list, n_ff, (SEL_HEADER + 2 * n_ff) * sizeof(float)));
         }
         ggml_tensor * y = sparse_product(ctx0, wt, list, nullptr, p);
-        return check_decode() ? with_ffn_check(ctx0, y, g, thr, up, cur, wt, p) : y;
+        if (check_decode()) {
+            // the dense reference reads W_down^T back from the copy, so only the kernels differ
+            ggml_tensor * a = masked(ctx0, g, thr, p);
+            ggml_tensor * hd = ggml_mul(ctx0, a, ggml_mul_mat(ctx0, up, cur));
+            y = with_check(ctx0, y, ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32))), hd), p);
+        }
+        return y;
     }
     ggml_tensor * u = ggml_mul_mat(ctx0, up, cur);
     ggml_format_name(u, "ffn_up-%d", sl->il);

@@ -1,9 +1,7 @@
 // Where sparse decode's gathered weights live. Decode reads single rows of ffn_up and of the
 // transposed copies in an order the text decides; on 4 KiB pages nearly every such row costs a TLB
 // miss and a page walk, so those tensors are moved into one anonymous region on 2 MiB pages
-// (MADV_HUGEPAGE), and their old pages are given back. An FFN channel's up row and its copy row are
-// read together, so they are bundled, one after the other, into one contiguous read. Everything
-// else stays where llama.cpp put it.
+// (MADV_HUGEPAGE), and their old pages are given back. Everything else stays where llama.cpp put it.
 #include "actsparse-runtime.h"
 
 #include "ggml-backend.h"
@@ -65,52 +63,19 @@ static void * huge_page_region(size_t size) {
     return (void *) b;
 }
 
-// ACTSPARSE_BUNDLE=0 keeps ffn_up and the down copy apart (to measure what bundling buys).
-static bool bundle_wanted() {
-    const char * v = std::getenv("ACTSPARSE_BUNDLE");
-    return !v || std::strcmp(v, "0") != 0;
-}
-
-namespace {
-
-// A tensor to move: alone, or as the second half of a bundle whose first half is `up`.
-struct placement {
-    ggml_tensor * t;
-    ggml_tensor * down_t = nullptr;  // bundled after t's rows: each channel's up row, then its copy row
-    size_t stride = 0;               // bytes per bundled row
-    size_t bytes() const { return stride ? stride * (size_t) t->ne[1] : ggml_nbytes(t); }
-};
-
-}  // namespace
-
-// Bundled rows keep ffn_up a valid ggml tensor with a row stride: dense products read it through
-// nb[1], and llamafile's sgemm counts that stride in blocks, so it is a whole number of them.
-static size_t bundle_stride(const ggml_tensor * up, const ggml_tensor * down_t) {
-    const size_t block = ggml_type_size(up->type);
-    return align_up(ggml_row_size(up->type, up->ne[0]) + ggml_row_size(down_t->type, down_t->ne[0]), block);
-}
-
 void actsparse_detail::place_gathered_weights(const sparse_model * sm, const llama_model & model) {
     std::call_once(sm->placed, [&] {
         if (!huge_pages_wanted()) return;
-        std::vector<placement> moves;
+        std::vector<ggml_tensor *> gathered;
         for (const sparse_layer & sl : sm->layers) {
             ggml_tensor * up = model.layers[sl.il].ffn_up;
-            ggml_tensor * down_t = sl.weight_t[KIND_FFN];
-            const bool gathered_up = sl.thresh[KIND_FFN] && plain_cpu_weight(up) && ggml_is_contiguous(up);
-            if (gathered_up && plain_cpu_weight(down_t) && bundle_wanted() && up->ne[1] == down_t->ne[1] &&
-                ggml_is_contiguous(down_t)) {
-                moves.push_back({ up, down_t, bundle_stride(up, down_t) });
-            } else {
-                if (gathered_up) moves.push_back({ up });
-                if (plain_cpu_weight(down_t)) moves.push_back({ down_t });
-            }
-            for (ggml_tensor * wt : { sl.weight_t[KIND_Q], sl.weight_t[KIND_O] }) {
-                if (plain_cpu_weight(wt)) moves.push_back({ wt });
+            if (sl.thresh[KIND_FFN] && plain_cpu_weight(up)) gathered.push_back(up);
+            for (ggml_tensor * wt : sl.weight_t) {
+                if (plain_cpu_weight(wt)) gathered.push_back(wt);
             }
         }
         size_t total = 0;
-        for (const placement & m : moves) total += align_up(m.bytes(), ROW_ALIGN);
+        for (const ggml_tensor * t : gathered) total += align_up(ggml_nbytes(t), ROW_ALIGN);
         if (total == 0) return;
         total = align_up(total, HUGE_PAGE);
         char * base = (char *) huge_page_region(total);
@@ -118,28 +83,12 @@ void actsparse_detail::place_gathered_weights(const sparse_model * sm, const lla
         sm->gathered.base = base;
         sm->gathered.size = total;
         size_t off = 0;
-        for (const placement & m : moves) {
-            char * dst = base + off;
-            if (!m.down_t) {
-                std::memcpy(dst, m.t->data, ggml_nbytes(m.t));
-                release_pages(m.t->data, ggml_nbytes(m.t));
-                m.t->data = dst;
-            } else {
-                const size_t up_row = m.t->nb[1], down_row = m.down_t->nb[1];
-                for (int64_t i = 0; i < m.t->ne[1]; ++i) {
-                    std::memcpy(dst + i * m.stride, (const char *) m.t->data + i * up_row, up_row);
-                    std::memcpy(dst + i * m.stride + up_row, (const char *) m.down_t->data + i * down_row, down_row);
-                }
-                release_pages(m.t->data, ggml_nbytes(m.t));
-                release_pages(m.down_t->data, ggml_nbytes(m.down_t));
-                m.t->data = dst;
-                m.down_t->data = dst + up_row;
-                for (ggml_tensor * t : { m.t, m.down_t }) {
-                    t->nb[1] = m.stride;
-                    for (int d = 2; d < GGML_MAX_DIMS; ++d) t->nb[d] = t->nb[d - 1] * t->ne[d - 1];
-                }
-            }
-            off += align_up(m.bytes(), ROW_ALIGN);
+        for (ggml_tensor * t : gathered) {
+            const size_t n = ggml_nbytes(t);
+            std::memcpy(base + off, t->data, n);
+            release_pages(t->data, n);
+            t->data = base + off;
+            off += align_up(n, ROW_ALIGN);
         }
     });
 }

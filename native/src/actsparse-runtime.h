@@ -152,7 +152,6 @@ constexpr int AXPY_ROW_GROUPS = 2;
 void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata);
 void op_select_up(ggml_tensor * dst, int ith, int nth, void * userdata);
 void op_axpy(ggml_tensor * dst, int ith, int nth, void * userdata);
-void op_ffn_decode(ggml_tensor * dst, int ith, int nth, void * userdata);
 void op_check(ggml_tensor * dst, int ith, int nth, void * userdata);
 
 }  // namespace actsparse_detail

@@ -45,6 +45,9 @@ static inline float apply_act(enum actsparse_act act, float x) {
     }
 }
 
+// Rows gathered by index, which the hardware prefetcher cannot follow, are prefetched this many
+// rows of row_bytes ahead: ACTSPARSE_PREFETCH_BYTES (default 8192) of reads, 2 to 64 rows.
+ACTSPARSE_INTERNAL int64_t actsparse_prefetch_rows(size_t row_bytes);
 
 #define UNPACK_CHUNK 1024  // columns unpacked per row and pass: the pass's rows stay in L1
 
