@@ -247,7 +247,9 @@ own_masks, _ = run(0.5, False, "off")
 dense_decode_after, _ = run(0, True)
 dense_batch_after, _ = run(0, False)
 print(json.dumps({
-    "dense_after_layout": [compare(dense_decode_after, dense_decode), compare(dense_batch_after, dense_batch)],
+    "dense_after_layout": [
+        compare(dense_decode_after, dense_decode), compare(dense_batch_after, dense_batch)
+    ],
     "dense": compare(dense_batch, dense_decode),
     "same_masks": compare(replayed, sparse_decode),
     "own_masks": compare(own_masks, sparse_decode),
