@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from actsparse import data, generation
 from actsparse.evaluate import summarize
 from helpers import run_cli
 
@@ -27,6 +28,8 @@ def text_report(small_sparse_dir: Path, tmp_path_factory: pytest.TempPathFactory
         "128",
         "--chunks",
         "4",
+        "--gen-windows",
+        "2",
         "--json",
         out / "r.json",
         "--markdown",
@@ -85,6 +88,29 @@ def test_eval_writes_markdown_png_and_claims(text_report: dict) -> None:
     assert [c["level"] for c in claims] == [0.3, 0.6]
     for c in claims:
         assert c["holds"] == (c["chess"] <= c["cats"])
+
+
+def test_eval_reports_generation_quality(text_report: dict) -> None:
+    """With the prompt dense and each later token decoded alone, KL divergence still grows with the
+    level, over the positions llama-perplexity scores."""
+    by = {(r["label"], r["level"]): r["generation"] for r in text_report["runs"][1:]}
+    assert text_report["runs"][0]["generation"] == {}
+    for label in ("CHESS+attn", "CHESS", "CATS"):
+        low, high = by[(label, 0.3)], by[(label, 0.6)]
+        assert low["tokens"] == high["tokens"] == 2 * (128 - 1 - 64)
+        assert 0 < low["kld_mean"] < high["kld_mean"]
+        assert 1.0 >= low["same_top"] >= high["same_top"] > 0.0
+    assert "KLD mean, generation" in text_report["_md"]
+
+
+def test_generation_positions_line_up_with_the_dense_reference(small_sparse_model: Path) -> None:
+    """At level 0 the one-token decodes after the prompt are dense: they agree with the batched
+    dense logits at every scored position, which a shifted row would not."""
+    options = generation.GenerationOptions(ctx=64, windows=1)
+    found = generation.measure(small_sparse_model, [0.0, 0.5], data.heldout_text()[:20_000], options)
+    assert found[0.0]["tokens"] == found[0.5]["tokens"] == 64 - 1 - 32
+    assert found[0.0]["kld_mean"] < 1e-4 and found[0.0]["same_top"] == 1.0
+    assert found[0.5]["kld_mean"] > 100 * found[0.0]["kld_mean"]
 
 
 def test_summarize_recomputes_differences_to_dense() -> None:

@@ -70,7 +70,7 @@ def engine_logits(model_path: Path, n_tokens: int, f32_kv: bool = False) -> dict
     kv = {"type_k": 0, "type_v": 0} if f32_kv else {}  # ggml type 0: F32
     llm = actsparse.Llama(
         model_path, n_ctx=n_tokens + 16, n_batch=n_tokens, n_ubatch=n_tokens, logits_all=True,
-        n_threads=THREADS, n_threads_batch=THREADS, verbose=False, **kv,
+        sparse_prompt=True, n_threads=THREADS, n_threads_batch=THREADS, verbose=False, **kv,
     )  # fmt: skip
     tokens = llm.tokenize(data.heldout_text()[:20_000].encode(), add_bos=False)[:n_tokens]
     assert len(tokens) == n_tokens

@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFReader
 
 import actsparse
-from actsparse import engine, gguf_io
+from actsparse import engine, gguf_io, tool_output
 from actsparse.data import heldout_corpus
 from actsparse.gguf_io import NewTensor
 from helpers import REPO, checked_decode_stats, run_converter
@@ -212,7 +212,7 @@ from actsparse.runtime import trace_masks
 
 kv = {"type_k": 0, "type_v": 0} if sys.argv[2] == "f32" else {}  # ggml type 0: F32
 llm = actsparse.Llama(sys.argv[1], n_ctx=256, n_batch=256, n_ubatch=256, n_threads=2, logits_all=True,
-                      verbose=False, **kv)
+                      sparse_prompt=True, verbose=False, **kv)
 tokens = llm.tokenize(heldout_corpus().text[5000:12000].encode())[:128]
 
 
@@ -328,7 +328,8 @@ def test_python_api(sparse_model: Path, small_model_path: Path) -> None:
 def test_a_batch_with_one_output_row_is_prefill(sparse_model: Path) -> None:
     """llama.cpp narrows the last layer to the rows that need logits; with one such row the
     last FFN still belongs to a many-token batch and must not be counted (or run) as decode."""
-    llm = actsparse.Llama(str(sparse_model), sparse=0.5, n_ctx=256, n_threads=2, verbose=False)
+    llm = actsparse.Llama(str(sparse_model), sparse=0.5, sparse_prompt=True, n_ctx=256, n_threads=2,
+                          verbose=False)  # fmt: skip
     llm.eval(llm.tokenize(PROMPT.encode()))  # logits for the last token only
     stats = actsparse.sparse_stats(llm)
     assert all(layer["ffn"] is None for layer in stats["layers"]), stats["layers"][-1]
@@ -336,6 +337,49 @@ def test_a_batch_with_one_output_row_is_prefill(sparse_model: Path) -> None:
     llm.eval(llm.tokenize(b" and", add_bos=False))  # one token: decode
     stats = actsparse.sparse_stats(llm)
     assert all(layer["ffn"] is not None for layer in stats["layers"])
+
+
+def test_the_prompt_runs_dense_and_generated_tokens_sparse(sparse_model: Path) -> None:
+    """By default a prompt batch computes exactly the dense function (the same graph as level 0)
+    and counts no sparsity; the tokens decoded after it are sparse. set_sparse_prompt(True) makes
+    the prompt sparse too."""
+    llm = actsparse.Llama(str(sparse_model), sparse=0.5, n_ctx=256, n_batch=256, n_ubatch=256,
+                          logits_all=True, n_threads=2, verbose=False)  # fmt: skip
+    tokens = llm.tokenize(PROMPT.encode())
+
+    def prompt_logits(level: float, sparse_prompt: bool) -> tuple[np.ndarray, dict]:
+        actsparse.set_sparse_prompt(llm, sparse_prompt)
+        actsparse.enable_sparse(llm, level)
+        llm.reset()
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)]), actsparse.sparse_stats(llm)
+
+    dense, _ = prompt_logits(0, False)
+    prompt, stats = prompt_logits(0.5, False)
+    assert np.array_equal(prompt, dense)
+    assert all(layer["ffn"] is None for layer in stats["prefill"]["layers"])
+    llm.eval(llm.tokenize(b" and", add_bos=False))  # a generated token: sparse
+    stats = actsparse.sparse_stats(llm)
+    assert stats["overall"]["ffn"] == pytest.approx(0.5, abs=0.2)
+    sparse, stats = prompt_logits(0.5, True)
+    assert np.abs(sparse - dense).max() > 1e-2
+    assert stats["prefill"]["overall"]["ffn"] == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("flags", [(), ("--sparse-prompt",)])
+def test_completion_sparsifies_the_prompt_only_with_sparse_prompt(
+    sparse_model: Path, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    stats_file = tmp_path / "stats.json"
+    proc = completion(sparse_model, "--sparse", "0.5", "--sparse-stats-file", str(stats_file), *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prefill = tool_output.sparsity_stats(stats_file, "prefill")["overall"]["ffn"]
+    decode = tool_output.sparsity_stats(stats_file, "decode")["overall"]["ffn"]
+    assert decode == pytest.approx(0.5, abs=0.1)
+    if flags:
+        assert prefill == pytest.approx(0.5, abs=0.1)
+    else:
+        assert prefill is None
 
 
 @pytest.mark.parametrize("tool", ["llama-completion", "llama-perplexity"])

@@ -8,9 +8,10 @@ struct common_arg;
 struct common_params;
 struct llama_context;
 
-// Registers --sparse [LEVEL], --sparse-stats and the tool's own options (actsparse_add_tool_args)
-// for --help and the parser.
-void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt);
+// Registers --sparse [LEVEL], --sparse-prompt, --sparse-stats and the tool's own options
+// (actsparse_add_tool_args) for --help and the parser; `example` (a llama_example) sets the
+// tool's default for --sparse-prompt in `params`.
+void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt, common_params & params, int example);
 
 // Options of one of our tools, parsed by llama.cpp's common parser with the rest; call before
 // common_params_parse.

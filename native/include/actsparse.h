@@ -24,6 +24,12 @@ ACTSPARSE_API float actsparse_model_default_level(const struct llama_model * mod
 // one of the file's levels. Returns 0, or -1 with a one-line message in err.
 ACTSPARSE_API int actsparse_set_sparse(struct llama_context * ctx, float level, char * err, size_t err_size);
 
+// Whether batches of more than one token (a prompt) are sparse too; off by default: the prompt then
+// runs dense, since its products are dense products of masked inputs and buy no speed, and
+// single-token batches (generated tokens) are sparse. llama-perplexity and zero-shot scoring turn
+// it on, so that every position of the text is scored sparse. Kept across actsparse_set_sparse.
+ACTSPARSE_API void actsparse_set_sparse_prompt(struct llama_context * ctx, bool on);
+
 // Realized sparsity during decode (single-token batches) since the level was set: JSON with
 // per-layer and overall fractions of FFN channels and attention inputs skipped.
 // Also the prefill phase ("prefill": {...}) and, with ACTSPARSE_CHECK_DECODE=1, "decode_check".

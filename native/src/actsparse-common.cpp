@@ -45,7 +45,7 @@ void actsparse_add_tool_args(std::vector<common_arg> args) {
     tool_args() = std::move(args);
 }
 
-void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) {
+void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt, common_params & params, int example) {
     static const bool drain_registered = std::atexit(drain_log_at_exit) == 0;
     (void) drain_registered;
     for (const common_arg & a : tool_args()) {
@@ -60,6 +60,16 @@ void actsparse_add_common_args(const std::function<void(common_arg)> & add_opt) 
                            params.sparse_level = std::stof(value);
                            set_plain_up_rows(params, params.sparse_level != 0.0f);
                        }));
+    // Tools that score text (perplexity, statistics over batches) sparsify every position, so that
+    // their metrics describe the level; generating tools sparsify the generated tokens only.
+    params.sparse_prompt = example == LLAMA_EXAMPLE_PERPLEXITY || example == LLAMA_EXAMPLE_IMATRIX;
+    add_opt(common_arg({ "--sparse-prompt" },
+                       std::string("apply --sparse to the prompt too (batches of several tokens); otherwise the prompt "
+                                   "runs dense, which costs no speed since sparse batches are masked dense products "
+                                   "(default: ") + (params.sparse_prompt ? "on in this tool)" : "off in this tool)"),
+                       [](common_params & params) { params.sparse_prompt = true; }));
+    add_opt(common_arg({ "--no-sparse-prompt" }, "run the prompt dense and only generated tokens sparse",
+                       [](common_params & params) { params.sparse_prompt = false; }));
     add_opt(common_arg({ "--sparse-stats" },
                        "print the realized sparsity during decode (per layer and overall) at exit",
                        [](common_params & params) { params.sparse_stats = true; }));
@@ -94,6 +104,7 @@ bool actsparse_common_init(llama_context * ctx, const common_params & params) {
         return true;
     }
     char err[512];
+    actsparse_set_sparse_prompt(ctx, params.sparse_prompt);
     if (actsparse_set_sparse(ctx, params.sparse_level, err, sizeof err) != 0) {
         LOG_ERR("error: --sparse: %s\n", err);
         return false;

@@ -54,13 +54,14 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
         std::snprintf(buf, sizeof buf, "%g", level);
         return fail(std::string("sparsity level ") + buf + " is not in the model; available: " + levels_text(sm));
     }
-    place_gathered_weights(sm, *llama_get_model(ctx));
+    reserve_gathered_region(sm, *llama_get_model(ctx));
     auto st = std::make_unique<actsparse_context>();
     st->model = sm;
     st->level = idx;
     if (old) {
         st->print_at_exit = old->print_at_exit;
         st->stats_file = old->stats_file;
+        st->sparse_prompt = old->sparse_prompt;
     }
     const size_t n_layer = llama_model_n_layer(llama_get_model(ctx));
     for (auto & phase_stats : st->stats) {
@@ -83,6 +84,18 @@ extern "C" int actsparse_set_sparse(llama_context * ctx, float level, char * err
     ctx->set_actsparse(st.release());
     delete old;  // the graph that used it is not reused (set_actsparse defeats reuse)
     return 0;
+}
+
+extern "C" void actsparse_set_sparse_prompt(llama_context * ctx, bool on) {
+    actsparse_context * st = context_state(ctx);
+    if (!st) {
+        const sparse_model * sm = find_model(llama_get_model(ctx));
+        if (!sm) return;  // nothing is ever sparse
+        st = new actsparse_context();  // dense until a level is set, which keeps the setting
+        st->model = sm;
+    }
+    st->sparse_prompt = on;
+    ctx->set_actsparse(st);  // prompt graphs change: no reuse of one built before
 }
 
 // ---- statistics -------------------------------------------------------------------------------

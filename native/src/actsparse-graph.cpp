@@ -92,7 +92,8 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
     const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
-    if (!st || st->level < 0 || il < 0 || il >= (int) st->model->layer_index.size()) return nullptr;
+    if (!st || st->level < 0 || (ph == PHASE_PREFILL && !st->sparse_prompt)) return nullptr;
+    if (il < 0 || il >= (int) st->model->layer_index.size()) return nullptr;
     const int index = st->model->layer_index[il];
     // only the layer's own FFN (an architecture may build other FFNs, e.g. shared experts, at the same il)
     const auto own = st->model->by_weight.find(down);
@@ -109,6 +110,8 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
         const bool down_sparse = sparse_kernel_pays(down, wt, st);
+        gathered_weight(st->model, up);
+        if (down_sparse) gathered_weight(st->model, wt);
         ggml_tensor * srcs_sel[] = { g, thr, up, cur };
         ggml_tensor * list = ggml_custom_4d(ctx0, GGML_TYPE_F32, SEL_HEADER + (down_sparse ? 2 : 3) * n_ff, 1, 1, 1,
                                             srcs_sel, 4, op_select_up, GGML_N_TASKS_MAX, p);
@@ -134,15 +137,16 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
                                  actsparse_context * st) {
     op_params * p = nullptr;
     const sparse_layer * sl = nullptr;
-    if (!st || st->level < 0) return nullptr;
+    const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
+    if (!st || st->level < 0 || (ph == PHASE_PREFILL && !st->sparse_prompt)) return nullptr;
     const auto it = st->model->by_weight.find(w);
     if (it == st->model->by_weight.end() || it->second.kind == KIND_FFN) return nullptr;
     const op_kind kind = it->second.kind;
-    const phase ph = n_tokens == 1 ? PHASE_DECODE : PHASE_PREFILL;
     if (!layer_ops(st, it->second.il, kind, ph, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
     if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
+        gathered_weight(st->model, wt);
         ggml_tensor * y = sparse_product(ctx0, wt, cur, thr, p);
         if (check_decode()) {
             ggml_tensor * wd = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_cast(ctx0, wt, GGML_TYPE_F32)));

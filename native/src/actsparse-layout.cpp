@@ -1,7 +1,9 @@
 // Where sparse decode's gathered weights live. Decode reads single rows of ffn_up and of the
 // transposed copies in an order the text decides; on 4 KiB pages nearly every such row costs a TLB
 // miss and a page walk, so those tensors are moved into one anonymous region on 2 MiB pages
-// (MADV_HUGEPAGE), and their old pages are given back. Everything else stays where llama.cpp put it.
+// (MADV_HUGEPAGE), and their old pages are given back. A tensor moves when a decode graph first
+// reads rows of it, so a context that only runs prefill, or a level whose products read the
+// originals, keeps the copies unread and not resident. Everything else stays where llama.cpp put it.
 #include "actsparse-runtime.h"
 
 #include "ggml-backend.h"
@@ -63,32 +65,46 @@ static void * huge_page_region(size_t size) {
     return (void *) b;
 }
 
-void actsparse_detail::place_gathered_weights(const sparse_model * sm, const llama_model & model) {
+void actsparse_detail::reserve_gathered_region(const sparse_model * sm, const llama_model & model) {
     std::call_once(sm->placed, [&] {
         if (!huge_pages_wanted()) return;
-        std::vector<ggml_tensor *> gathered;
+        // kind by kind: a level moves all tensors of a kind or none, and the moved ones then fill
+        // whole huge pages instead of each touching one of its own
+        std::vector<ggml_tensor *> candidates;
         for (const sparse_layer & sl : sm->layers) {
             ggml_tensor * up = model.layers[sl.il].ffn_up;
-            if (sl.thresh[KIND_FFN] && plain_cpu_weight(up)) gathered.push_back(up);
-            for (ggml_tensor * wt : sl.weight_t) {
-                if (plain_cpu_weight(wt)) gathered.push_back(wt);
+            if (sl.thresh[KIND_FFN] && plain_cpu_weight(up)) candidates.push_back(up);
+        }
+        for (int k = 0; k < N_KINDS; ++k) {
+            for (const sparse_layer & sl : sm->layers) {
+                if (plain_cpu_weight(sl.weight_t[k])) candidates.push_back(sl.weight_t[k]);
             }
         }
         size_t total = 0;
-        for (const ggml_tensor * t : gathered) total += align_up(ggml_nbytes(t), ROW_ALIGN);
+        for (const ggml_tensor * t : candidates) total += align_up(ggml_nbytes(t), ROW_ALIGN);
         if (total == 0) return;
         total = align_up(total, HUGE_PAGE);
-        char * base = (char *) huge_page_region(total);
-        if (!base) return;  // no memory for the move: the weights stay where they are
-        sm->gathered.base = base;
-        sm->gathered.size = total;
+        char * base = (char *) huge_page_region(total);  // address space only, until a tensor moves in
+        if (!base) return;  // the weights stay where they are
+        gathered_region & r = sm->gathered;
+        r.base = base;
+        r.size = total;
         size_t off = 0;
-        for (ggml_tensor * t : gathered) {
-            const size_t n = ggml_nbytes(t);
-            std::memcpy(base + off, t->data, n);
-            release_pages(t->data, n);
-            t->data = base + off;
-            off += align_up(n, ROW_ALIGN);
+        for (const ggml_tensor * t : candidates) {
+            r.slots[t] = base + off;
+            off += align_up(ggml_nbytes(t), ROW_ALIGN);
         }
     });
+}
+
+void actsparse_detail::gathered_weight(const sparse_model * sm, ggml_tensor * t) {
+    gathered_region & r = sm->gathered;
+    std::lock_guard<std::mutex> lock(r.mutex);
+    const auto it = r.slots.find(t);
+    if (it == r.slots.end()) return;  // moved already, or never a candidate
+    const size_t n = ggml_nbytes(t);
+    std::memcpy(it->second, t->data, n);
+    release_pages(t->data, n);
+    t->data = it->second;
+    r.slots.erase(it);
 }

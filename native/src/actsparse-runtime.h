@@ -43,10 +43,13 @@ struct sparse_layer {
     ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
 };
 
-// The anonymous region that decode's gathered weights were moved into (actsparse-layout.cpp).
+// The anonymous region that decode's gathered weights move into (actsparse-layout.cpp): each
+// candidate's place in it until the tensor has moved.
 struct gathered_region {
     void * base = nullptr;
     size_t size = 0;
+    std::mutex mutex;
+    std::unordered_map<const ggml_tensor *, char *> slots;  // the tensors not moved yet
     ~gathered_region();
 };
 
@@ -68,7 +71,7 @@ struct actsparse_model {
     // The products whose input is sparse, found by weight: build_lora_mm, where attention's q and o
     // products are built, knows no layer index.
     std::unordered_map<const ggml_tensor *, actsparse_detail::weight_ref> by_weight;
-    // Set once, by the first context that decodes sparsely (place_gathered_weights).
+    // Reserved once, by the first context set to a sparse level (reserve_gathered_region).
     mutable std::once_flag placed;
     mutable actsparse_detail::gathered_region gathered;
 };
@@ -96,6 +99,9 @@ struct op_params {
 struct actsparse_context {
     const actsparse_model * model = nullptr;
     int level = -1;  // index into model->levels; -1: dense
+    // Whether batches of more than one token (the prompt) are sparse too. Off, they run dense:
+    // their products are dense products of masked inputs, so sparsity there buys no speed.
+    bool sparse_prompt = false;
     bool print_at_exit = false;
     std::string stats_file;  // statistics JSON written here when the context is freed
     // Zeroed inputs per phase, per layer, per kind. Decode (one-token ubatches) is what the
@@ -127,9 +133,12 @@ int level_index(const sparse_model * sm, float level);
 // Whether a weight is in ggml's plain row layout in host memory (not a repacked CPU buffer).
 bool plain_cpu_weight(const ggml_tensor * w);
 
-// Moves the weights sparse decode gathers rows from (plain ffn_up of sparse layers, the transposed
-// copies) onto huge pages, once per model; called before a context first decodes sparsely.
-void place_gathered_weights(const sparse_model * sm, const llama_model & model);
+// Reserves huge-page address space for the weights sparse decode gathers rows from (plain ffn_up
+// of sparse layers, the transposed copies), once per model; called when a context is set sparse.
+void reserve_gathered_region(const sparse_model * sm, const llama_model & model);
+// Moves `t` into its reserved place, the first time a decode graph reads rows of it (graph
+// building; a context computing from the old place meanwhile would read released pages).
+void gathered_weight(const sparse_model * sm, ggml_tensor * t);
 
 // ---- actsparse-trace.cpp
 

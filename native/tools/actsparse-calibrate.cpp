@@ -595,6 +595,7 @@ int main(int argc, char ** argv) {
         fail(e.what());
     }
     llama_log_set(quiet_log, nullptr);
+    params.sparse_prompt = true;  // the statistics are of batches: every position runs at the level
     options & o = g_opt;
     o.window = params.n_ctx;
     o.n_threads = params.cpuparams.n_threads;

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .runtime import Llama, SparseError, enable_sparse, model_levels, sparse_stats  # noqa: E402
+from .runtime import Llama, SparseError, enable_sparse, model_levels, set_sparse_prompt, sparse_stats  # noqa: E402
 
-__all__ = ["Llama", "SparseError", "enable_sparse", "model_levels", "sparse_stats", "__version__"]
+__all__ = [
+    "Llama",
+    "SparseError",
+    "enable_sparse",
+    "model_levels",
+    "set_sparse_prompt",
+    "sparse_stats",
+    "__version__",
+]

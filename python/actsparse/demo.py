@@ -100,16 +100,27 @@ def quality_words(kld: float, ppl_dense: float, ppl: float, same_top: float) -> 
     )
 
 
+MEMORY_BOUND_FRACTION = 0.6  # below it, a decode step's reads alone take too little of it to bind
+
+
 def why_small(e: dict[str, Any]) -> str:
     """Why a level's decode speed-up is small, from the bench's bytes and memory bound."""
     dense_bytes = e["ceiling"] * (e["streamed_bytes"] + e["gathered_bytes"])
     read = (e["streamed_bytes"] + e["gathered_bytes"]) / dense_bytes
+    bytes_words = (
+        f"at level {e['level']:g} decode still reads {100 * read:.0f}% of dense's weight bytes per token "
+        f"(ceiling x{e['ceiling']:.2f}: the gate, the output layer and the dense products are read whole), "
+        f"and the {100 * e['gathered_bytes'] / dense_bytes:.0f}% it reads as gathered rows cost "
+        f"{e['gathered_read_cost']:.2f}x a streamed byte on this machine"
+    )
+    if e["of_memory_bound"] < MEMORY_BOUND_FRACTION:
+        return (
+            f"why not faster: the weight reads alone take {100 * e['of_memory_bound']:.0f}% of a decode step "
+            "here, so decode is bound by arithmetic and per-op work, not by memory, and skipped bytes buy "
+            f"little; {bytes_words}"
+        )
     return (
-        f"why not faster: decode is bound by memory; at level {e['level']:g} it still reads "
-        f"{100 * read:.0f}% of dense's weight bytes per token (ceiling x{e['ceiling']:.2f}: the gate, "
-        f"the output layer and the dense products are read whole), and the "
-        f"{100 * e['gathered_bytes'] / dense_bytes:.0f}% it reads as gathered rows cost "
-        f"{e['gathered_read_cost']:.2f}x a streamed byte on this machine, so the memory bound is "
+        f"why not faster: decode is bound by memory; {bytes_words}, so the memory bound is "
         f"x{e['memory_bound']:.2f}; decode reached {100 * e['of_memory_bound']:.0f}% of it"
     )
 
@@ -176,7 +187,9 @@ def _run(o: DemoOptions) -> int:
         )  # fmt: skip
     )
     print(
-        f"== quality on held-out text (LAMBADA, {o.chunks} x 256 tokens, every position sparse)", flush=True
+        f"== quality on held-out text (LAMBADA, {o.chunks} x 256 tokens, every position sparse; generation: "
+        f"{evaluate.DEFAULT_GEN_WINDOWS} windows, a dense prompt, then each token decoded alone)",
+        flush=True,
     )
     quality = evaluate.measure(
         evaluate.EvalOptions(
@@ -198,17 +211,19 @@ def _run(o: DemoOptions) -> int:
                 "ppl": r["text"]["ppl"],
                 "kld_mean": r["text"]["kld_mean"],
                 "same_top": r["text"]["same_top"],
+                "generation_kld_mean": r["generation"]["kld_mean"],
             }
         )
     print(f"\n{'level':>6} {'realized':>8} {'decode t/s':>10} {'x dense':>8} {'mem bound':>9} "
-          f"{'PPL':>7} {'mean KLD':>8} {'x q4_K_M':>8} {'same top':>8}")  # fmt: skip
+          f"{'PPL':>7} {'mean KLD':>8} {'x q4_K_M':>8} {'same top':>8} {'gen KLD':>8}")  # fmt: skip
     dense_tps, dense_ppl = dense_speed["decode_median"], dense_run["text"]["ppl"]
     print(f"{'dense':>6} {'':>8} {dense_tps:10.1f} {1:8.2f} {'':>9} {dense_ppl:7.2f}")
     for row in rows:
         print(
             f"{row['level']:6g} {row['realized_ffn']:8.3f} {row['decode_tps']:10.1f} {row['speedup']:8.2f} "
             f"{row['memory_bound']:9.2f} {row['ppl']:7.2f} {row['kld_mean']:8.3f} "
-            f"{row['kld_mean'] / Q4_K_M_KLD:8.1f} {100 * row['same_top']:7.0f}%"
+            f"{row['kld_mean'] / Q4_K_M_KLD:8.1f} {100 * row['same_top']:7.0f}% "
+            f"{row['generation_kld_mean']:8.3f}"
         )
     chosen = next(row for row in rows if schema.same_level(row["level"], level))
     entry = next(e for e in speed["levels"] if schema.same_level(e["level"], level))
@@ -217,7 +232,8 @@ def _run(o: DemoOptions) -> int:
         f"decode runs at {chosen['decode_tps']:.1f} t/s against {dense_tps:.1f} t/s dense: "
         f"x{chosen['speedup']:.2f}.\nQuality cost: "
         + quality_words(chosen["kld_mean"], dense_ppl, chosen["ppl"], chosen["same_top"])
-        + "."
+        + f".\nGenerating, as llama-completion runs it (the prompt dense, new tokens sparse): mean KLD "
+        f"{chosen['generation_kld_mean']:.3f}."
     )
     if chosen["speedup"] < SMALL_SPEEDUP:
         print(why_small(entry) + ".")

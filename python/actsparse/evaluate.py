@@ -6,6 +6,9 @@ For the dense model and each (model file, level):
   KL divergence against dense (mean, 99th percentile) and the same-top-token rate, from
   llama-perplexity's ``--kl-divergence`` machinery run with ``--sparse``; the realized sparsity
   comes from the same run (``--sparse-stats-file``, prefill phase);
+* generation quality: the same KL divergence and same-top rate where a generating tool pays it,
+  the prompt (each window's first half) dense and every later token decoded alone through the
+  sparse kernels (:mod:`actsparse.generation`);
 * the 8 zero-shot tasks of the CHESS paper, scored by log-likelihood on our runtime
   (:mod:`actsparse.zeroshot`).
 
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, engine, gguf_io, schema, tool_output
+from . import __version__, engine, generation, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
 from .options import add_command, command_line
 from .sparse_file import NoThresholdsError, SparseFile, read_sparse_file
@@ -35,6 +38,7 @@ from .tool_output import ToolOutputError
 
 DEFAULT_CTX = 512
 DEFAULT_CHUNKS = 16
+DEFAULT_GEN_WINDOWS = 4  # each costs ctx/2 single-token decodes per level
 HELDOUT_CHARS = 2_000_000  # more than any chunk count asks for; llama-perplexity takes what it needs
 
 # The yardstick a sparsity setting is judged by: llama.cpp's own KL-divergence table for its
@@ -55,6 +59,7 @@ class EvalOptions:
     limit: int | None = None  # questions per task
     ctx: int = DEFAULT_CTX
     chunks: int = DEFAULT_CHUNKS  # 0 skips the text metrics
+    gen_windows: int = DEFAULT_GEN_WINDOWS  # 0 skips the generation metrics
     threads: int = 2
     dense_only: bool = False
     json: Path | None = None
@@ -69,6 +74,7 @@ class Run:
     level: float  # 0 = dense
     text: dict[str, Any] = field(default_factory=dict)
     realized: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -208,6 +214,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CHUNKS,
         help=f"held-out chunks (default {DEFAULT_CHUNKS}); 0 skips the text metrics",
     )
+    p.add_argument(
+        "--gen-windows",
+        type=int,
+        default=DEFAULT_GEN_WINDOWS,
+        help=f"held-out windows for the generation metrics (default {DEFAULT_GEN_WINDOWS}): the first "
+        "half of each dense, every later token decoded alone; 0 skips them",
+    )
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument(
         "--dense-only", action="store_true", help="measure only the dense model (no thresholds needed)"
@@ -297,8 +310,8 @@ def measure(args: EvalOptions) -> dict[str, Any]:
     models, plan = _plan(args)
     if args.limit is not None and args.limit <= 0:
         raise ValueError("--limit must be positive")
-    if args.chunks < 0 or args.ctx < 16:
-        raise ValueError("--chunks must be >= 0 and --ctx >= 16")
+    if args.chunks < 0 or args.gen_windows < 0 or args.ctx < 16:
+        raise ValueError("--chunks and --gen-windows must be >= 0 and --ctx >= 16")
     heldout = heldout_corpus()
     for m in models:
         if m.calibration.sha256 == heldout.sha256:
@@ -313,12 +326,20 @@ def measure(args: EvalOptions) -> dict[str, Any]:
         "command": command_line("actsparse eval", add_arguments, args),
         "machine": machine_info(measure_bandwidth=False),
         "threads": args.threads,
-        "heldout": {"corpus": heldout.name, "sha256": heldout.sha256, "ctx": args.ctx, "chunks": args.chunks},
+        "heldout": {
+            "corpus": heldout.name,
+            "sha256": heldout.sha256,
+            "ctx": args.ctx,
+            "chunks": args.chunks,
+            "gen_windows": args.gen_windows,
+        },  # fmt: skip
         "tasks": {"names": tasks, "limit": args.limit, "variant": "rc_0shot"},
     }
     with tempfile.TemporaryDirectory(prefix="actsparse-eval-") as tmp:
         if args.chunks > 0:
             _measure_text(runs, Path(tmp), heldout.text[:HELDOUT_CHARS], args)
+        if args.gen_windows > 0:
+            _measure_generation(runs, models, plan, heldout.text[:HELDOUT_CHARS], args)
         if tasks:
             _measure_tasks(runs, models, plan, tasks, args)
     report["runs"] = [asdict(r) for r in runs]
@@ -344,6 +365,24 @@ def _measure_text(runs: list[Run], tmp: Path, text: str, args: EvalOptions) -> N
                 Path(r.model), r.level, text_file, base_file, args.ctx, args.chunks, args.threads
             )
         r.seconds += time.perf_counter() - t0
+
+
+def _measure_generation(
+    runs: list[Run], models: list[SparseFile], plan: dict[Path, list[float]], text: str, args: EvalOptions
+) -> None:
+    from tqdm import tqdm
+
+    options = generation.GenerationOptions(ctx=args.ctx, windows=args.gen_windows, threads=args.threads)
+    total = sum(generation.decoded_tokens(plan[m.path], options) for m in models)
+    with tqdm(total=total, desc="generation KLD", unit="tok", file=sys.stderr) as bar:
+        for m in models:
+            t0 = time.perf_counter()
+            found = generation.measure(m.path, plan[m.path], text, options, on_token=lambda: bar.update(1))
+            per_run = (time.perf_counter() - t0) / len(plan[m.path])
+            for r in runs:
+                if Path(r.model) == m.path and r.level in found:
+                    r.generation = found[r.level]
+                    r.seconds += per_run
 
 
 def _measure_tasks(
@@ -389,6 +428,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         if r["text"]:
             row["ppl_increase"] = r["text"]["ppl"] / dense["text"]["ppl"] - 1.0
             row["kld_mean"] = r["text"]["kld_mean"]
+        if r.get("generation"):
+            row["generation_kld_mean"] = r["generation"]["kld_mean"]
         if _avg_acc(r) is not None and _avg_acc(dense) is not None:
             row["avg_acc_drop_points"] = 100.0 * (_avg_acc(dense) - _avg_acc(r))
         rows.append(row)
@@ -438,6 +479,24 @@ def markdown_tables(report: dict[str, Any]) -> str:
                 f"{_fmt(dppl, '+.1f')}{'' if dppl is None else '%'} | {_fmt(t.get('kld_mean'), '.4f')} | "
                 f"{_fmt(t.get('kld_p99'), '.4f')} | {_fmt(t.get('same_top'), '.3f')} |"
             )
+        out.append("")
+    if any(r.get("generation") for r in runs):
+        g = next(r["generation"] for r in runs if r.get("generation"))
+        out += [
+            f"Generation: {g['windows']} held-out windows of {g['ctx']} tokens, the first half a dense "
+            f"prompt, then each token decoded alone ({g['tokens']} positions per level); all positions "
+            "sparse beside it.\n",
+            "| method | level | KLD mean, generation | same top, generation "
+            "| KLD mean, all positions sparse |",
+            "|---|---|---|---|---|",
+        ]
+        for r in runs:
+            if r.get("generation"):
+                g, t = r["generation"], r["text"]
+                out.append(
+                    f"| {r['label']} | {r['level']:g} | {g['kld_mean']:.4f} | {g['same_top']:.3f} | "
+                    f"{_fmt(t.get('kld_mean'), '.4f')} |"
+                )
         out.append("")
     names = report["tasks"]["names"]
     if names and any(r["tasks"] for r in runs):

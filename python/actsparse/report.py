@@ -145,8 +145,8 @@ def measure_model(profile: Profile, out_dir: Path, options: ReportOptions) -> di
     else:
         _eval(replace(quality, tasks="none", limit=None), log)
         tasks_only = evaluate.EvalOptions(
-            models=paths[:1], levels=profile.task_levels, chunks=0, threads=threads, json=task_json,
-            limit=limit,
+            models=paths[:1], levels=profile.task_levels, chunks=0, gen_windows=0, threads=threads,
+            json=task_json, limit=limit,
         )  # fmt: skip
         _eval(tasks_only, log)
     seconds["eval"] = time.perf_counter() - t0

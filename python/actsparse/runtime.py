@@ -36,6 +36,8 @@ def _lib() -> ctypes.CDLL:
             ctypes.c_char_p,
             ctypes.c_size_t,
         ]
+        lib.actsparse_set_sparse_prompt.restype = None
+        lib.actsparse_set_sparse_prompt.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         lib.actsparse_stats_json.restype = ctypes.c_int
         lib.actsparse_stats_json.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
         lib.actsparse_model_n_levels.restype = ctypes.c_int
@@ -81,6 +83,16 @@ def enable_sparse(llm: Any, level: float | bool | None = True) -> None:
         raise SparseError(err.value.decode())
 
 
+def set_sparse_prompt(llm: Any, on: bool) -> None:
+    """Whether batches of more than one token (a prompt, a scored text) run sparse too.
+
+    Off by default: the prompt runs dense, as in llama.cpp's generating tools, since sparse
+    batches are dense products of masked inputs and buy no speed; single-token decodes (generated
+    tokens) run sparse. Scoring text turns it on, so that every position is scored at the level.
+    """
+    _lib().actsparse_set_sparse_prompt(llm._ctx.ctx, bool(on))
+
+
 def sparse_stats(llm: Any) -> dict[str, Any]:
     """Realized decode sparsity since the level was set: {"layers": [...], "overall": {...}}."""
     lib = _lib()
@@ -123,11 +135,15 @@ def recorded_masks(llm: Any) -> dict[tuple[int, str], np.ndarray]:
     return out
 
 
-def Llama(model_path: str, sparse: float | bool | None = None, **kwargs: Any) -> Any:  # noqa: N802
-    """A llama_cpp.Llama on this project's libllama, running at `sparse` (see enable_sparse)."""
+def Llama(  # noqa: N802
+    model_path: str, sparse: float | bool | None = None, sparse_prompt: bool = False, **kwargs: Any
+) -> Any:
+    """A llama_cpp.Llama on this project's libllama, running at `sparse` (see enable_sparse), its
+    prompts dense unless `sparse_prompt` (see set_sparse_prompt)."""
     # ffn_up of the sparse layers in plain rows, which sparse decode reads one by one (a kv
     # override the patched loader reads), so that any level can be selected later
     overrides = {schema.KEY_PLAIN_UP_ROWS: True, **(kwargs.pop("kv_overrides", None) or {})}
     llm = engine.llama_cpp().Llama(model_path=str(model_path), kv_overrides=overrides, **kwargs)
+    set_sparse_prompt(llm, sparse_prompt)
     enable_sparse(llm, sparse)
     return llm

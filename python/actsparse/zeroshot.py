@@ -270,7 +270,9 @@ class Scorer:
         self._scratch = n_seq_max - 1  # the sequence that fills alignment gaps
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         try:
-            runtime.enable_sparse(types.SimpleNamespace(_ctx=types.SimpleNamespace(ctx=self.ctx)), sparse)
+            handle = types.SimpleNamespace(_ctx=types.SimpleNamespace(ctx=self.ctx))
+            runtime.set_sparse_prompt(handle, True)  # every scored position at the level (CHESS's setting)
+            runtime.enable_sparse(handle, sparse)
         except Exception:
             self.close()
             raise
