@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actsparse import calibration, thresholds
+from actsparse import calibration, column_norms, convert, gguf_io, schema, thresholds, transpose
 from actsparse.data import calibration_corpus
 
 BIN_REL_WIDTH = 2.0**-7
@@ -115,3 +115,52 @@ def test_one_pass_scores_match_the_exact_score_histogram(small_model_path, tmp_p
             below = cum[b] + (cum[b + 1] - cum[b]) * (tau - edges[b]) / (edges[b + 1] - edges[b])
             worst = max(worst, abs(below - s))
     assert worst < 0.002, f"largest quantile-rank error {worst:.4f}"
+
+
+def test_weighted_thresholds_equal_their_definition(small_model_path, tmp_path) -> None:
+    """--weighted-scores: thresholds from the engine's histograms of |a_i| E|u_i| ||W_down[:, i]||
+    and |x_i| ||W[:, i]|| equal those recomputed in numpy from the dumped activations and the
+    weights' column norms, and each skips the level's fraction of the weighted scores."""
+    info = gguf_io.describe_model(gguf_io.open_gguf(small_model_path), small_model_path)
+    norms = column_norms.column_norms(info, schema.KINDS)
+    norms_file = tmp_path / "norms.gguf"
+    column_norms.write_column_norms(norms_file, norms)
+    layers = (0, 17, 29)
+    stats = calibration.collect(
+        small_model_path, calibration_corpus().text[:20000], tokens=256, window=128, threads=2,
+        dump_layers=layers, dump_tokens=256, column_norms=norms_file,
+    )  # fmt: skip
+    assert stats.weighted_scores
+    levels = [0.3, 0.5, 0.7]
+    made = {t.name: t.make() for t in convert.threshold_tensors(info, stats, levels, "chess", True)}
+    for il in layers:
+        ls = stats.layers[il]
+        w = {kind.name: norms[column_norms.tensor_name(kind, il)].astype(np.float64) for kind in schema.KINDS}
+        for kind in schema.KINDS:  # the statistics carry the norms they were weighted by
+            np.testing.assert_array_equal(ls.col_norms[kind.name], w[kind.name])
+        a, u = ls.dumps["ffn_act"].astype(np.float64), ls.dumps["ffn_up"].astype(np.float64)
+        scale = np.abs(u).mean(axis=0) * w["ffn"]
+        inputs = {
+            schema.FFN: (np.abs(a), scale),
+            schema.ATTN_Q_IN: (np.abs(ls.dumps["attn_q_in"]).astype(np.float64), w["attn_q_in"]),
+            schema.ATTN_O_IN: (np.abs(ls.dumps["attn_o_in"]).astype(np.float64), w["attn_o_in"]),
+        }
+        for kind, (x, factor) in inputs.items():
+            t = made[kind.thresh_name(il)]
+            assert t.shape == (len(levels), x.shape[1])
+            for k, s in enumerate(levels):
+                tau = np.quantile(x * factor, s)
+                np.testing.assert_allclose(t[k], tau / factor, rtol=2 * BIN_REL_WIDTH)
+                assert abs(np.mean(x <= t[k]) - s) < 0.01, (kind.name, il, s)
+
+
+def test_column_norms_are_the_weight_columns_norms(small_model_path) -> None:
+    """||W[:, i]|| per input of each sparse product, from the file's own quantized weights."""
+    info = gguf_io.describe_model(gguf_io.open_gguf(small_model_path), small_model_path)
+    norms = column_norms.column_norms(info, schema.KINDS)
+    assert len(norms) == 3 * info.n_layer
+    for kind in schema.KINDS:
+        w = transpose.dequantized(info.tensor(kind.weight_name(5))).astype(np.float64)
+        n = norms[column_norms.tensor_name(kind, 5)]
+        assert n.shape == (w.shape[1],) and (n > 0).all()
+        np.testing.assert_allclose(n, [np.linalg.norm(w[:, i]) for i in range(w.shape[1])], rtol=1e-5)

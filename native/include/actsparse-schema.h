@@ -13,6 +13,7 @@
 #define ACTSPARSE_KEY_ACTIVATION "actsparse.activation"
 #define ACTSPARSE_KEY_UP_STATISTIC "actsparse.up_statistic"
 #define ACTSPARSE_KEY_TRANSPOSED_TYPE "actsparse.transposed_type"
+#define ACTSPARSE_KEY_WEIGHTED_SCORES "actsparse.weighted_scores"
 #define ACTSPARSE_KEY_CALIB_SOURCE "actsparse.calibration.source"
 #define ACTSPARSE_KEY_CALIB_SHA256 "actsparse.calibration.sha256"
 #define ACTSPARSE_KEY_CALIB_TOKENS "actsparse.calibration.tokens"

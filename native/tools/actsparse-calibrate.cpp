@@ -13,6 +13,10 @@
 // of an earlier run) the score histogram is collected directly: the converter re-takes each
 // level's quantiles that way without moving the per-channel shape of the CHESS thresholds.
 //
+// --column-norms NORMS.gguf makes the scores weight-aware: each input's magnitude times the norm of
+// the weight column it multiplies (|a_i| E|u_i| ||W_down[:, i]||, |x_i| ||W_q[:, i]||, ...), which
+// measures the output an input moves rather than its size alone (WINA, R-Sparse).
+//
 // Histograms have one bin per bfloat16 value (the top 16 bits of the float), so a quantile taken
 // from them is exact up to linear interpolation inside a bin of relative width 2^-7.
 //
@@ -98,6 +102,7 @@ struct options {
     int         dump_tokens = 0;
     float       sparse = 0.0f;        // the level the model runs at (0: dense)
     std::string mean_abs_up_file;     // E|u_i| from these statistics: the scores collected directly
+    std::string column_norms_file;    // ||W[:, i]||: the scores weighted by the weight column each input reads
 };
 
 struct layer_stats {
@@ -108,6 +113,9 @@ struct layer_stats {
     std::vector<double> hist_o_in;          // |x| entering W_o
     std::vector<uint32_t> channel_hist;     // [n_ff][CHANNEL_BINS] of |a_i| (CHESS, one pass)
     std::vector<double> mean_abs_up;        // m_i, given by --mean-abs-up
+    // --column-norms: ||W_down[:, i]||, ||W_q[:, i]||, ||W_o[:, i]|| (empty: unweighted scores)
+    std::vector<float> norm_ffn, norm_q_in, norm_o_in;
+    std::vector<double> score_scale;        // m_i (times norm_ffn_i): the CHESS score's factor on |a_i|
     std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
     int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
@@ -263,6 +271,15 @@ void add_hist(std::vector<double> & hist, const float * x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) hist[bf16_bin(x[i])] += 1.0;
 }
 
+// The histogram of |x_i| * w_i over rows of ne0 inputs (w empty: of |x_i|).
+void add_weighted_hist(std::vector<double> & hist, const float * x, int64_t ne0, int64_t nrows,
+                       const std::vector<float> & w) {
+    if (w.empty()) { add_hist(hist, x, ne0 * nrows); return; }
+    if (hist.empty()) hist.assign(N_BINS, 0.0);
+    for (int64_t r = 0; r < nrows; ++r)
+        for (int64_t i = 0; i < ne0; ++i) hist[bf16_bin(x[r * ne0 + i] * w[i])] += 1.0;
+}
+
 // Channels are visited in blocks, so that a block's histograms stay in cache over the rows.
 constexpr int64_t CHANNEL_BLOCK = 64;
 
@@ -288,7 +305,7 @@ void gate_block(layer_stats & L, const float * a, int64_t ne0, int64_t nrows, in
                 if (mode == gate_mode::per_channel) {
                     ++L.channel_hist[(size_t) i * CHANNEL_BINS + channel_bin_of_fine(fine)];
                 } else if (mode == gate_mode::scores) {
-                    ++score[bf16_bin(row[i] * (float) L.mean_abs_up[i])];
+                    ++score[bf16_bin(row[i] * (float) L.score_scale[i])];
                 }
             }
         }
@@ -384,12 +401,14 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
         } break;
         case node_kind::q_in:
             L.n_q_in = ne0;
-            add_hist(L.hist_q_in, x, ne0 * nrows);
+            if (!L.norm_q_in.empty() && (int64_t) L.norm_q_in.size() != ne0) { c->error = "attn_q column norms width mismatch"; return false; }
+            add_weighted_hist(L.hist_q_in, x, ne0, nrows, L.norm_q_in);
             dump(L.dump_q_in);
             break;
         case node_kind::o_in:
             L.n_o_in = ne0;
-            add_hist(L.hist_o_in, x, ne0 * nrows);
+            if (!L.norm_o_in.empty() && (int64_t) L.norm_o_in.size() != ne0) { c->error = "attn_output column norms width mismatch"; return false; }
+            add_weighted_hist(L.hist_o_in, x, ne0, nrows, L.norm_o_in);
             dump(L.dump_o_in);
             break;
         default: break;
@@ -437,6 +456,10 @@ std::vector<common_arg> calibrator_args() {
     args.emplace_back(common_arg({ "--mean-abs-up" }, "PATH",
         "take E|u_i| from these statistics and collect the CHESS scores directly",
         [](common_params &, const std::string & v) { g_opt.mean_abs_up_file = v; }));
+    args.emplace_back(common_arg({ "--column-norms" }, "PATH",
+        "weight-aware scores: each input's magnitude times the norm of the weight column it reads, from the "
+        "blk.N.{ffn,attn_q_in,attn_o_in}_col_norm tensors of PATH (written by convert_with_thresholds.py)",
+        [](common_params &, const std::string & v) { g_opt.column_norms_file = v; }));
     args.emplace_back(common_arg({ "--source" }, "NAME", "name of the calibration text, stored in the statistics",
         [](common_params &, const std::string & v) { g_opt.source = v; }));
     args.emplace_back(common_arg({ "--source-sha256" }, "HEX", "its sha256, stored in the statistics",
@@ -503,6 +526,7 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     for (const auto & L : c.layers) {
         bytes += (L.sum_abs_up.size() + 4 * (size_t) N_BINS) * sizeof(double) + 1024;
         bytes += (L.dump_gate.size() + L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size()) * sizeof(float) + 1024;
+        bytes += (L.norm_ffn.size() + L.norm_q_in.size() + L.norm_o_in.size()) * sizeof(float) + 3 * 1024;
     }
     ggml_init_params ip = { bytes, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
@@ -517,6 +541,7 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     gguf_set_val_str(g, "actsparse.stats.source", o.source.c_str());
     gguf_set_val_str(g, "actsparse.stats.source_sha256", o.source_sha256.c_str());
     gguf_set_val_f32(g, "actsparse.stats.sparse_level", o.sparse);
+    gguf_set_val_bool(g, "actsparse.stats.column_norms", !o.column_norms_file.empty());
     for (size_t il = 0; il < c.layers.size(); ++il) {
         const layer_stats & L = c.layers[il];
         const std::string p = "blk." + std::to_string(il) + ".";
@@ -529,6 +554,9 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
         if (!L.hist_score.empty()) add_f64(g, ctx, p + "ffn_score_hist", L.hist_score, N_BINS);
         if (!L.hist_q_in.empty())  add_f64(g, ctx, p + "attn_q_in_hist", L.hist_q_in, N_BINS);
         if (!L.hist_o_in.empty())  add_f64(g, ctx, p + "attn_o_in_hist", L.hist_o_in, N_BINS);
+        if (!L.norm_ffn.empty())   add_f32(g, ctx, p + "ffn_col_norm", L.norm_ffn, (int64_t) L.norm_ffn.size());
+        if (!L.norm_q_in.empty())  add_f32(g, ctx, p + "attn_q_in_col_norm", L.norm_q_in, (int64_t) L.norm_q_in.size());
+        if (!L.norm_o_in.empty())  add_f32(g, ctx, p + "attn_o_in_col_norm", L.norm_o_in, (int64_t) L.norm_o_in.size());
         if (!L.dump_gate.empty())  add_f32(g, ctx, p + "dump.ffn_gate", L.dump_gate, L.n_ff);
         if (!L.dump_act.empty())   add_f32(g, ctx, p + "dump.ffn_act", L.dump_act, L.n_ff);
         if (!L.dump_up.empty())    add_f32(g, ctx, p + "dump.ffn_up", L.dump_up, L.n_ff);
@@ -566,6 +594,42 @@ void load_mean_abs_up(const std::string & path, std::vector<layer_stats> & layer
     }
     gguf_free(g);
     ggml_free(data);
+}
+
+// The weight column norms per layer and kind, from a GGUF of F32 vectors (--column-norms).
+void load_column_norms(const std::string & path, std::vector<layer_stats> & layers) {
+    ggml_context * data = nullptr;
+    gguf_init_params gp = { false, &data };
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) fail("cannot read column norms " + path);
+    int found = 0;
+    for (size_t il = 0; il < layers.size(); ++il) {
+        const std::string p = "blk." + std::to_string(il) + ".";
+        layer_stats & L = layers[il];
+        for (auto [kind, dst] : { std::pair{ "ffn", &L.norm_ffn }, { "attn_q_in", &L.norm_q_in }, { "attn_o_in", &L.norm_o_in } }) {
+            const std::string name = p + kind + "_col_norm";
+            const ggml_tensor * t = ggml_get_tensor(data, name.c_str());
+            if (!t) continue;
+            if (t->type != GGML_TYPE_F32 || ggml_nrows(t) != 1) fail(path + ": tensor '" + name + "' is not an F32 vector");
+            const float * v = (const float *) t->data;
+            for (int64_t i = 0; i < t->ne[0]; ++i) {
+                if (!std::isfinite(v[i]) || v[i] < 0) fail(path + ": tensor '" + name + "' has a negative or non-finite norm");
+            }
+            dst->assign(v, v + t->ne[0]);
+            ++found;
+        }
+    }
+    if (!found) fail(path + " holds no blk.N.*_col_norm tensors");
+    gguf_free(g);
+    ggml_free(data);
+}
+
+// The factor on |a_i| of the CHESS score: m_i, times ||W_down[:, i]|| with --column-norms.
+void set_score_scale(layer_stats & L) {
+    L.score_scale = L.mean_abs_up;
+    if (L.norm_ffn.empty()) return;
+    if (L.norm_ffn.size() != L.score_scale.size()) fail("ffn_down column norms do not match the FFN width");
+    for (size_t i = 0; i < L.score_scale.size(); ++i) L.score_scale[i] *= L.norm_ffn[i];
 }
 
 void quiet_log(ggml_log_level level, const char * text, void *) {
@@ -653,8 +717,10 @@ int main(int argc, char ** argv) {
 
     c.act = activation_for(model);
     c.layers.resize(llama_model_n_layer(model));
+    if (!o.column_norms_file.empty()) load_column_norms(o.column_norms_file, c.layers);
     if (!o.mean_abs_up_file.empty()) {
         load_mean_abs_up(o.mean_abs_up_file, c.layers);
+        for (layer_stats & L : c.layers) set_score_scale(L);
         c.pass = pass_kind::given_mean_abs_up;
     }
     const int64_t total_tokens = (int64_t) n_windows * o.window;
@@ -692,7 +758,8 @@ int main(int argc, char ** argv) {
                 L.mean_abs_up.resize(L.sum_abs_up.size());
                 for (size_t i = 0; i < L.sum_abs_up.size(); ++i)
                     L.mean_abs_up[i] = L.sum_abs_up[i] / (double) std::max<int64_t>(1, L.n_tok_up);
-                if (!L.channel_hist.empty()) score_hist_from_channels(L.channel_hist, L.mean_abs_up, L.hist_act, L.hist_score);
+                set_score_scale(L);
+                if (!L.channel_hist.empty()) score_hist_from_channels(L.channel_hist, L.score_scale, L.hist_act, L.hist_score);
             }
         }, 1);
     }

@@ -31,6 +31,9 @@ class LayerStats:
     q_in_hist: np.ndarray | None
     o_in_hist: np.ndarray | None
     dumps: dict[str, np.ndarray] = field(default_factory=dict)
+    # weighted scores: ||W[:, i]|| per kind name ("ffn", "attn_q_in", "attn_o_in"), which every
+    # histogram but act_hist (and the score factor of the CHESS one) is weighted by
+    col_norms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class CalibrationStats:
     has_scores: bool = True  # the CHESS pass ran (CATS needs only the first)
     source: str = ""  # calibration text name and sha256, as given to the collector
     source_sha256: str = ""
+    weighted_scores: bool = False  # collected with --column-norms
 
 
 def run_collector(
@@ -58,6 +62,7 @@ def run_collector(
     dump_tokens: int = 0,
     sparse: float = 0.0,
     mean_abs_up_from: Path | None = None,
+    column_norms: Path | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> None:
     """Runs actsparse-calibrate; on_progress receives the tokens done so far."""
@@ -76,6 +81,8 @@ def run_collector(
         cmd += ["--sparse", f"{sparse:g}"]
     if mean_abs_up_from is not None:
         cmd += ["--mean-abs-up", str(mean_abs_up_from)]
+    if column_norms is not None:
+        cmd += ["--column-norms", str(column_norms)]
     errors: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
@@ -124,6 +131,11 @@ def read_stats(path: Path) -> CalibrationStats:
                 q_in_hist=_flat(get(p + "attn_q_in_hist")),
                 o_in_hist=_flat(get(p + "attn_o_in_hist")),
                 dumps=dumps,
+                col_norms={
+                    kind: v.reshape(-1)
+                    for kind in ("ffn", "attn_q_in", "attn_o_in")
+                    if (v := get(f"{p}{kind}_col_norm")) is not None
+                },
             )
         )
     return CalibrationStats(
@@ -134,6 +146,7 @@ def read_stats(path: Path) -> CalibrationStats:
         has_scores=bool(field_value(reader, "actsparse.stats.has_scores", True)),
         source=str(field_value(reader, "actsparse.stats.source", "")),
         source_sha256=str(field_value(reader, "actsparse.stats.source_sha256", "")),
+        weighted_scores=bool(field_value(reader, "actsparse.stats.column_norms", False)),
     )
 
 

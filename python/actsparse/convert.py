@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from . import __version__, calibration, gguf_io, schema, thresholds, transpose
+from . import __version__, calibration, column_norms, gguf_io, schema, thresholds, transpose
 from .gguf_io import GGUFError, ModelInfo, NewTensor
 from .options import from_args
 from .progress import Stage, StagedProgress
@@ -51,6 +51,7 @@ class ConvertOptions:
     refine_tokens: int | None = None  # default: min(calib_tokens, DEFAULT_REFINE_TOKENS)
     window: int = DEFAULT_WINDOW
     transposed_type: str = DEFAULT_TRANSPOSED_TYPE
+    weighted_scores: bool = False
     save_stats: Path | None = None
     load_stats: Path | None = None
     threads: int = 2
@@ -112,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="type of the transposed copies of a quantized model (default %(default)s; docs/gguf-format.md)",
     )  # fmt: skip
     p.add_argument(
+        "--weighted-scores", action=argparse.BooleanOptionalAction, default=False,
+        help="score each sparse input by its magnitude times the norm of the weight column it reads "
+        "(|a_i| E|u_i| ||W_down[:, i]|| for FFN channels, |x_i| ||W[:, i]|| for the attention inputs), "
+        "the output it moves, instead of CHESS's magnitude alone (default off; docs/gguf-format.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--save-stats", type=Path, metavar="PATH",
         help="also keep the calibration statistics (a GGUF) for later conversions with --load-stats",
     )  # fmt: skip
@@ -154,7 +161,7 @@ def load_calibration_text(path: Path | None) -> CalibText:
     return CalibText(corpus.name, corpus.text)
 
 
-def loaded_stats(path: Path, info: ModelInfo, method: str) -> calibration.CalibrationStats:
+def loaded_stats(path: Path, info: ModelInfo, method: str, weighted: bool) -> calibration.CalibrationStats:
     """Statistics saved by --save-stats, checked against the model they are applied to."""
     if not path.is_file():
         raise UsageError(f"statistics file {path} does not exist")
@@ -166,6 +173,14 @@ def loaded_stats(path: Path, info: ModelInfo, method: str) -> calibration.Calibr
         )
     if method == "chess" and not stats.has_scores:
         raise UsageError(f"statistics {path} lack the CHESS pass (collected for cats); calibrate again")
+    if stats.weighted_scores != weighted:
+        have, want, fix = (
+            ("weighted", "plain", "add") if stats.weighted_scores else ("plain", "weighted", "drop")
+        )
+        raise UsageError(
+            f"statistics {path} hold {have} scores, the conversion asks for {want} ones; "
+            f"{fix} --weighted-scores or calibrate again"
+        )
     return stats
 
 
@@ -188,23 +203,20 @@ def threshold_tensors(
         if method == "chess":
             if ls.score_hist is None:
                 raise RuntimeError("CHESS scores missing from the statistics")
-            t = thresholds.chess_thresholds(ls.mean_abs_up, ls.score_hist, levels)
+            scale = ls.mean_abs_up * ls.col_norms["ffn"] if "ffn" in ls.col_norms else ls.mean_abs_up
+            t = thresholds.chess_thresholds(scale, ls.score_hist, levels)
         else:
             t = thresholds.cats_thresholds(ls.act_hist, levels)
         out.append(_const(schema.FFN.thresh_name(il), t, f32))
         if attn:
             if ls.q_in_hist is None or ls.o_in_hist is None:
                 raise RuntimeError(f"layer {il}: attention statistics missing (attn_norm/kqv_out not seen)")
-            out.append(
-                _const(
-                    schema.ATTN_Q_IN.thresh_name(il), thresholds.layer_thresholds(ls.q_in_hist, levels), f32
-                )
-            )
-            out.append(
-                _const(
-                    schema.ATTN_O_IN.thresh_name(il), thresholds.layer_thresholds(ls.o_in_hist, levels), f32
-                )
-            )
+            for kind, hist in ((schema.ATTN_Q_IN, ls.q_in_hist), (schema.ATTN_O_IN, ls.o_in_hist)):
+                norms = ls.col_norms.get(kind.name)
+                # weighted: a histogram of |x_i| ||W[:, i]||, so input i's threshold is tau / ||W[:, i]||
+                t = thresholds.layer_thresholds(hist, levels) if norms is None else (
+                    thresholds.chess_thresholds(norms, hist, levels))  # fmt: skip
+                out.append(_const(kind.thresh_name(il), t, f32))
     return out
 
 
@@ -253,6 +265,7 @@ def sparse_aware_thresholds(
             source, text, tokens=tokens, window=o.window, threads=o.threads,
             chess=o.method == "chess", sparse=level,
             mean_abs_up_from=dense_stats if o.method == "chess" else None,
+            column_norms=dense_stats if o.weighted_scores else None,  # the statistics carry the norms
             on_progress=None if on_progress is None else lambda n: on_progress(k * tokens + n),
         )  # fmt: skip
         levels = p.levels if level == 0 else [level]
@@ -342,13 +355,13 @@ def plan(options: ConvertOptions) -> Plan:
 
 
 def statistics_stage(
-    p: Plan, tmp: Path, on_progress: Callable[[int], None] | None = None
+    p: Plan, tmp: Path, on_progress: Callable[[int], None] | None = None, norms: Path | None = None
 ) -> tuple[calibration.CalibrationStats, CalibText, Path]:
     """Stage 1: the dense calibration statistics (or the saved ones), the text they came from and
-    the statistics file the sparse-aware pass reads E|u_i| from."""
+    the statistics file the sparse-aware pass reads E|u_i| (and the column norms) from."""
     o = p.options
     if o.load_stats is not None:
-        stats = loaded_stats(o.load_stats, p.info, o.method)
+        stats = loaded_stats(o.load_stats, p.info, o.method, o.weighted_scores)
         calib = CalibText(stats.source or o.load_stats.name, "", stats.source_sha256)
         stats_file = o.load_stats
     else:
@@ -357,7 +370,7 @@ def statistics_stage(
         stats = calibration.collect(
             o.model, calib.text, save_to=stats_file, tokens=o.calib_tokens, window=o.window,
             threads=o.threads, chess=o.method == "chess", source=(calib.name, calib.sha256),
-            on_progress=on_progress,
+            column_norms=norms, on_progress=on_progress,
         )  # fmt: skip
         if o.save_stats is not None:
             with gguf_io.atomic_output(o.save_stats) as dest:
@@ -380,6 +393,7 @@ def metadata(
         schema.KEY_ACTIVATION: (p.info.activation, GGUFValueType.STRING),
         schema.KEY_UP_STATISTIC: ("mean_abs", GGUFValueType.STRING),
         schema.KEY_TRANSPOSED_TYPE: (o.transposed_type, GGUFValueType.STRING),
+        schema.KEY_WEIGHTED_SCORES: (o.weighted_scores, GGUFValueType.BOOL),
         schema.KEY_CALIB_SOURCE: (calib.name, GGUFValueType.STRING),
         schema.KEY_CALIB_SHA256: (calib.sha256, GGUFValueType.STRING),
         schema.KEY_CALIB_TOKENS: (stats.tokens, GGUFValueType.UINT64),
@@ -397,6 +411,8 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
     # weight once per token, and a batch of tokens runs about 60x faster per byte on 2 threads.
     tokens_per_s = 6e10 / max(file_bytes, 1)
     stages = []
+    if o.load_stats is None and o.weighted_scores:
+        stages.append(Stage("column norms", p.info.n_layer, 1.0))
     if o.load_stats is None:
         stages.append(Stage("statistics", o.calib_tokens, tokens_per_s))
     stages.append(Stage("writing", file_bytes + new_bytes, 2e8))
@@ -422,9 +438,22 @@ def convert(options: ConvertOptions) -> Path:
 def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
     o = p.options
     with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
+        norms = None
+        if o.load_stats is None and o.weighted_scores:
+            norms = Path(tmp) / "column-norms.gguf"
+            with bar.stage("column norms", "(weights dequantized)") as update:
+                done = 0
+
+                def layer_done() -> None:
+                    nonlocal done
+                    done += 1
+                    update(done)
+
+                kinds = schema.KINDS if o.attn else (schema.FFN,)
+                column_norms.write_column_norms(norms, column_norms.column_norms(p.info, kinds, layer_done))
         if o.load_stats is None:
             with bar.stage("statistics", f"({o.calib_tokens} tokens, dense)") as update:
-                stats, calib, stats_file = statistics_stage(p, Path(tmp), update)
+                stats, calib, stats_file = statistics_stage(p, Path(tmp), update, norms)
         else:
             stats, calib, stats_file = statistics_stage(p, Path(tmp))
         first = threshold_tensors(p.info, stats, p.levels, o.method, o.attn)

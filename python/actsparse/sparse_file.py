@@ -43,10 +43,12 @@ class SparseFile:
     activation: str
     transposed_type: str
     calibration: Calibration
+    weighted_scores: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.method.upper()}{'+attn' if self.attn else ''}"
+        attn = "+attn" if self.attn else ""
+        return f"{self.method.upper()}{attn}{' weighted' if self.weighted_scores else ''}"
 
     def level_row(self, level: float | None = None) -> int:
         """The row of `level` (None: the default level) in the threshold tensors."""
@@ -99,6 +101,7 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
         ),
         activation=str(field_value(reader, schema.KEY_ACTIVATION, info.activation)),
         transposed_type=str(field_value(reader, schema.KEY_TRANSPOSED_TYPE, "")),
+        weighted_scores=bool(field_value(reader, schema.KEY_WEIGHTED_SCORES, False)),
         calibration=Calibration(
             source=str(field_value(reader, schema.KEY_CALIB_SOURCE, "")),
             sha256=str(field_value(reader, schema.KEY_CALIB_SHA256, "")),

@@ -35,6 +35,7 @@ class SparsityInfo:
     layers: list[LayerInfo]
     calibration: dict[str, object]
     format_version: int
+    weighted_scores: bool = False
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
@@ -65,6 +66,7 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
         layers=layers,
         calibration={"tokens": c.tokens, "source": c.source, "sha256": c.sha256, "window": c.window},
         format_version=f.format_version,
+        weighted_scores=f.weighted_scores,
     )
 
 
@@ -86,7 +88,8 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"file:        {args.file}")
     print(f"arch:        {info.arch}, {info.n_layer} layers")
-    print(f"method:      {info.method} (format {info.format_version})")
+    scores = ", weighted scores" if info.weighted_scores else ""
+    print(f"method:      {info.method}{scores} (format {info.format_version})")
     print(f"levels:      {', '.join(f'{v:g}' for v in info.levels)} (default {info.default_level:g})")
     print(f"transposed:  {info.transposed_type}")
     c = info.calibration
