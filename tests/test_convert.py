@@ -157,6 +157,30 @@ def test_cats_has_one_threshold_per_layer(small_model_path: Path, tmp_path: Path
     assert "blk.0.ffn_down_t.weight" in t
 
 
+def test_weighted_scores_give_per_input_attention_thresholds(small_model_path: Path, tmp_path: Path) -> None:
+    """--weighted-scores end to end, the sparse-aware pass included: the file says so, and the
+    attention thresholds are per input, one tau over each weight column's norm."""
+    out, stats_file = tmp_path / "w.gguf", tmp_path / "w.stats.gguf"
+    run_converter(small_model_path, "-o", out, "--weighted-scores", "--calib-tokens", 1024,
+                  "--refine-tokens", 1024, "--sparsity", "0.5", "--save-stats", stats_file, "-q",
+                  check=True)  # fmt: skip
+    reader = GGUFReader(out)
+    assert field_value(reader, "actsparse.weighted_scores") is True
+    t = {x.name: x for x in reader.tensors}
+    n_embd = int(t["blk.0.attn_q.weight"].shape[0])
+    assert list(t["blk.0.attn_q_in_thresh"].shape) == [n_embd, 1]
+    stats = calibration.read_stats(stats_file)
+    assert stats.weighted_scores and set(stats.layers[3].col_norms) == {"ffn", "attn_q_in", "attn_o_in"}
+    # the weighted q-input threshold is one tau over each column norm
+    tau = (
+        np.asarray(t["blk.3.attn_q_in_thresh"].data, dtype=np.float64).reshape(-1)
+        * stats.layers[3].col_norms["attn_q_in"]
+    )
+    assert tau.std() <= 1e-5 * tau.mean()
+    proc = run_cli("inspect", out)
+    assert "weighted scores" in proc.stdout
+
+
 # ---- bad input: one line, exit 2, no output left behind, input untouched -------------------
 
 
@@ -274,3 +298,9 @@ def test_load_stats_refuses_files_that_do_not_fit(
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
         assert not out.exists()
+    # plain statistics cannot give weighted thresholds: the histograms are of other scores
+    proc = run_converter(small_model_path, "-o", out, "--load-stats", small_sparse_dir / "stats.gguf",
+                         "--weighted-scores")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "hold plain scores" in proc.stderr, proc.stderr
+    assert not out.exists()

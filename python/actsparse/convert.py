@@ -116,7 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--weighted-scores", action=argparse.BooleanOptionalAction, default=False,
         help="score each sparse input by its magnitude times the norm of the weight column it reads "
         "(|a_i| E|u_i| ||W_down[:, i]|| for FFN channels, |x_i| ||W[:, i]|| for the attention inputs), "
-        "the output it moves, instead of CHESS's magnitude alone (default off; docs/gguf-format.md)",
+        "the output it moves, instead of CHESS's magnitude alone. Model-dependent: at equal bytes it "
+        "lowered Qwen2.5-Coder-1.5B's KLD by 7-14%% and raised SmolLM2-135M's by 8-28%% "
+        "(default off; docs/gguf-format.md)",
     )  # fmt: skip
     p.add_argument(
         "--save-stats", type=Path, metavar="PATH",
