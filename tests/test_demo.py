@@ -91,7 +91,7 @@ def test_demo_explains_a_small_speedup(demo_run: tuple[str, dict]) -> None:
 def test_demo_reports_generation_quality(demo_run: tuple[str, dict]) -> None:
     """The figure a generating tool pays (the prompt dense), beside the all-positions one."""
     stdout, report = demo_run
-    m = re.search(r"the prompt dense, new tokens sparse\): mean KLD ([\d.]+)", stdout)
+    m = re.search(r"the prompt dense, new tokens sparse\): mean KLD (\d+\.\d+)", stdout)
     assert m, stdout
     row = next(r for r in report["levels"] if r["level"] == 0.5)
     assert float(m.group(1)) == pytest.approx(row["generation_kld_mean"], abs=5e-4)
