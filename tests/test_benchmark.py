@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,23 @@ def test_bench_refuses_unknown_levels_and_dense_models(sparse_model: Path, small
     assert proc.returncode == 2 and "available" in proc.stderr
     proc = run_cli("bench", small_model_path)
     assert proc.returncode == 2 and "convert_with_thresholds.py" in proc.stderr
+
+
+def test_reads_bench_splits_streamed_and_gathered_reads(tmp_path: Path) -> None:
+    from actsparse import engine
+    from actsparse.benchmark import WeightRead, time_reads
+
+    rows, row_bytes = 512, 1024
+    always = WeightRead("g1", row_bytes, rows, np.ones(rows))
+    never = WeightRead("g0", row_bytes, rows, np.zeros(rows))
+    timing = time_reads([WeightRead("s", 4 << 20, 1), always, never], threads=2, repeats=1)
+    assert timing.stream_bytes == 4 << 20 and timing.gather_bytes == rows * row_bytes
+    assert timing.stream_seconds > 0 and timing.gather_seconds > 0
+    assert timing.seconds == pytest.approx(timing.stream_seconds + timing.gather_seconds, rel=0.5)
+    assert timing.gathered_read_cost > 0
+    tool = str(engine.binary("actsparse-bench-reads"))
+    plan = tmp_path / "bad.txt"
+    for text, words in (("gather 64 2 0.5\n", "expected"), ("stream 0\n", "expected"), ("", "no reads")):
+        plan.write_text(text)
+        proc = subprocess.run([tool, str(plan)], capture_output=True, text=True)
+        assert proc.returncode != 0 and words in proc.stderr and len(proc.stderr.splitlines()) == 1

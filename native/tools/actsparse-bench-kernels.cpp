@@ -258,9 +258,9 @@ int main(int argc, char ** argv) {
         const double weights = (double) idx.size() * o.cols * n_mats;
         const char * name = ggml_type_name(o.types[i]);
         if (o.json) {
-            std::printf("%s{\"type\": \"%s\", \"accumulate_gbs\": %.3f, \"accumulate_gweights\": %.3f, "
-                        "\"gather_gbs\": %.3f, \"gather_gweights\": %.3f, \"read_active_gbs\": %.3f, "
-                        "\"read_all_gbs\": %.3f}",
+            std::printf("%s{\"type\": \"%s\", \"accumulate_gbs\": %.6g, \"accumulate_gweights\": %.6g, "
+                        "\"gather_gbs\": %.6g, \"gather_gweights\": %.6g, \"read_active_gbs\": %.6g, "
+                        "\"read_all_gbs\": %.6g}",
                         i ? ", " : "", name, bytes / t.accumulate_s / 1e9, weights / t.accumulate_s / 1e9,
                         bytes / t.gather_s / 1e9, weights / t.gather_s / 1e9, bytes / t.read_active_s / 1e9,
                         bytes / t.read_all_s / 1e9);

@@ -50,7 +50,9 @@ void print_usage() {
         "PLAN has one line per weight, in decode order:\n"
         "  stream BYTES                      a matrix read whole\n"
         "  gather ROW_BYTES ROWS P_0 .. P_n  a matrix of which row i is read with probability P_i\n"
-        "Prints one JSON object: seconds per token (median and minimum) and bytes per token.\n"
+        "A barrier follows each matrix, as ggml has one after each op.\n"
+        "Prints one JSON object: seconds per token (median and minimum) and bytes per token, and the\n"
+        "mean seconds and bytes per token of the streamed and of the gathered matrices apart.\n"
         "\n"
         "options:\n"
         "  -t, --threads N   threads (default 2)\n"
@@ -150,29 +152,24 @@ vec64 read_bytes(const char * p, size_t n) {
     return a ^ b;
 }
 
-// One token's reads on thread ith of nth. `active` holds each gathered segment's rows.
-vec64 read_token(const std::vector<segment> & plan, const std::vector<std::vector<int32_t>> & active,
-                 const char * const bases[2], int ith, int nth, size_t prefetch_bytes) {
+// Segment s of one token on thread ith of nth. `active` holds each gathered segment's rows.
+vec64 read_segment(const segment & seg, const std::vector<int32_t> & idx, const char * const bases[2], int ith,
+                   int nth, size_t prefetch_bytes) {
+    const char * w = bases[seg.p.empty() ? 0 : 1] + seg.offset;
+    if (seg.p.empty()) {
+        const size_t lines = seg.row_bytes / 64;
+        const size_t b = lines * ith / nth * 64, e = ith == nth - 1 ? seg.row_bytes : lines * (ith + 1) / nth * 64;
+        return read_bytes(w + b, e - b);
+    }
     vec64 h = {};
-    for (size_t s = 0; s < plan.size(); ++s) {
-        const segment & seg = plan[s];
-        const char * w = bases[seg.p.empty() ? 0 : 1] + seg.offset;
-        if (seg.p.empty()) {
-            const size_t lines = seg.row_bytes / 64;
-            const size_t b = lines * ith / nth * 64, e = ith == nth - 1 ? seg.row_bytes : lines * (ith + 1) / nth * 64;
-            h ^= read_bytes(w + b, e - b);
-            continue;
+    const int64_t k = (int64_t) idx.size(), k0 = k * ith / nth, k1 = k * (ith + 1) / nth;
+    const int64_t ahead = prefetch_bytes ? std::max<int64_t>(1, (int64_t) (prefetch_bytes / seg.row_bytes)) : 0;
+    for (int64_t j = k0; j < k1; ++j) {
+        if (ahead && j + ahead < k1) {
+            const char * next = w + (size_t) idx[j + ahead] * seg.row_bytes;
+            for (size_t o = 0; o < seg.row_bytes; o += 64) __builtin_prefetch(next + o, 0, 0);
         }
-        const std::vector<int32_t> & idx = active[s];
-        const int64_t k = (int64_t) idx.size(), k0 = k * ith / nth, k1 = k * (ith + 1) / nth;
-        const int64_t ahead = prefetch_bytes ? std::max<int64_t>(1, (int64_t) (prefetch_bytes / seg.row_bytes)) : 0;
-        for (int64_t j = k0; j < k1; ++j) {
-            if (ahead && j + ahead < k1) {
-                const char * next = w + (size_t) idx[j + ahead] * seg.row_bytes;
-                for (size_t o = 0; o < seg.row_bytes; o += 64) __builtin_prefetch(next + o, 0, 0);
-            }
-            h ^= read_bytes(w + (size_t) idx[j] * seg.row_bytes, seg.row_bytes);
-        }
+        h ^= read_bytes(w + (size_t) idx[j] * seg.row_bytes, seg.row_bytes);
     }
     return h;
 }
@@ -201,20 +198,22 @@ int main(int argc, char ** argv) {
     std::mt19937 rng(1234);
     std::uniform_real_distribution<float> u(0.0f, 1.0f);
     std::vector<std::vector<std::vector<int32_t>>> tokens(o.tokens, std::vector<std::vector<int32_t>>(plan.size()));
-    double bytes = 0.0;
+    double stream_bytes = 0.0, gather_bytes = 0.0;
     for (auto & token : tokens) {
         for (size_t s = 0; s < plan.size(); ++s) {
             if (plan[s].p.empty()) {
-                bytes += (double) plan[s].row_bytes;
+                stream_bytes += (double) plan[s].row_bytes;
                 continue;
             }
             for (int64_t i = 0; i < plan[s].rows; ++i) {
                 if (u(rng) < plan[s].p[i]) token[s].push_back((int32_t) i);
             }
-            bytes += (double) token[s].size() * plan[s].row_bytes;
+            gather_bytes += (double) token[s].size() * plan[s].row_bytes;
         }
     }
-    bytes /= o.tokens;
+    stream_bytes /= o.tokens;
+    gather_bytes /= o.tokens;
+    const double bytes = stream_bytes + gather_bytes;
 
     // persistent threads, a spinning barrier between tokens: thread 0 times each token
     std::vector<vec64> sink(o.threads);
@@ -228,20 +227,33 @@ int main(int argc, char ** argv) {
             while (generation.load(std::memory_order_acquire) == g) {}
         }
     };
-    double best_median = 1e30, best_min = 1e30;
+    // a barrier after each matrix, as ggml has after each op; thread 0 times each token, split into
+    // its streamed and its gathered matrices (the ratio of their rates is the price of gathering)
+    struct pass_times {
+        std::vector<double> token;
+        double stream = 0.0, gather = 0.0;
+    };
+    pass_times best;
+    double best_median = 1e30;
     size_t best_prefetch = 0;
     for (size_t prefetch : { (size_t) 0, (size_t) 4096, (size_t) 8192, (size_t) 16384 }) {
-        std::vector<double> times;
+        pass_times pass;
         auto work = [&](int ith) {
             for (int r = 0; r < o.repeats + 1; ++r) {  // the first pass warms up
                 for (const auto & token : tokens) {
                     barrier();
                     const auto t0 = std::chrono::steady_clock::now();
-                    sink[ith] ^= read_token(plan, token, bases, ith, o.threads, prefetch);
-                    barrier();
-                    if (ith == 0 && r > 0) {
-                        times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+                    auto mark = t0;
+                    for (size_t s = 0; s < plan.size(); ++s) {
+                        sink[ith] ^= read_segment(plan[s], token[s], bases, ith, o.threads, prefetch);
+                        barrier();
+                        if (ith == 0 && r > 0) {
+                            const auto now = std::chrono::steady_clock::now();
+                            (plan[s].p.empty() ? pass.stream : pass.gather) += std::chrono::duration<double>(now - mark).count();
+                            mark = now;
+                        }
                     }
+                    if (ith == 0 && r > 0) pass.token.push_back(std::chrono::duration<double>(mark - t0).count());
                 }
             }
         };
@@ -249,19 +261,23 @@ int main(int argc, char ** argv) {
         for (int i = 1; i < o.threads; ++i) pool.emplace_back(work, i);
         work(0);
         for (auto & t : pool) t.join();
-        const double m = median(times);
+        const double m = median(pass.token);
         if (m < best_median) {
             best_median = m;
             best_prefetch = prefetch;
-            best_min = *std::min_element(times.begin(), times.end());
+            best = pass;
         }
     }
+    const double timed = (double) best.token.size();
+    const double best_min = *std::min_element(best.token.begin(), best.token.end());
     uint64_t keep = 0;
     for (const vec64 & v : sink) keep ^= v[0];
     std::printf("{\"threads\": %d, \"tokens\": %d, \"huge_pages\": %s, \"seconds_per_token\": %.9f, "
-                "\"min_seconds_per_token\": %.9f, \"bytes_per_token\": %.0f, \"prefetch_bytes\": %zu, \"gbs\": %.3f, "
-                "\"checksum\": %llu}\n",
-                o.threads, o.tokens, o.huge_pages ? "true" : "false", best_median, best_min, bytes, best_prefetch,
+                "\"min_seconds_per_token\": %.9f, \"bytes_per_token\": %.0f, \"stream_seconds_per_token\": %.9f, "
+                "\"stream_bytes_per_token\": %.0f, \"gather_seconds_per_token\": %.9f, "
+                "\"gather_bytes_per_token\": %.0f, \"prefetch_bytes\": %zu, \"gbs\": %.3f, \"checksum\": %llu}\n",
+                o.threads, o.tokens, o.huge_pages ? "true" : "false", best_median, best_min, bytes,
+                best.stream / timed, stream_bytes, best.gather / timed, gather_bytes, best_prefetch,
                 bytes / best_median / 1e9, (unsigned long long) (keep & 1));
     return 0;
 }

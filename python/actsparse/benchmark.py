@@ -60,7 +60,7 @@ class LevelResult:
     ceiling: float = 1.0
     streamed_bytes: float = 0.0  # weight bytes per token read whole
     gathered_bytes: float = 0.0  # and as gathered active rows
-    reads_seconds: float = 0.0  # the step's weight reads alone, measured (reads_seconds_per_token)
+    reads_seconds: float = 0.0  # the step's weight reads alone, measured (time_reads)
     gathered_read_cost: float = 1.0  # time per gathered byte over time per streamed byte, in those reads
 
     @property
@@ -199,10 +199,29 @@ def huge_pages_on() -> bool:
     return os.environ.get("ACTSPARSE_HUGE_PAGES", "1") != "0"
 
 
-def reads_seconds_per_token(reads: list[WeightRead], threads: int, repeats: int = 3) -> float:
+@dataclass
+class ReadsTiming:
+    """actsparse-bench-reads' figures for one decode step's weight reads."""
+
+    seconds: float  # median step
+    stream_seconds: float  # of which the matrices read whole (mean)
+    stream_bytes: float
+    gather_seconds: float  # and the gathered active rows (mean)
+    gather_bytes: float
+
+    @property
+    def gathered_read_cost(self) -> float:
+        """Time per gathered byte over time per streamed byte, both in this one run."""
+        if not self.gather_bytes or not self.stream_bytes or not self.stream_seconds:
+            return 1.0
+        return (self.gather_seconds / self.gather_bytes) / (self.stream_seconds / self.stream_bytes)
+
+
+def time_reads(reads: list[WeightRead], threads: int, repeats: int = 3) -> ReadsTiming:
     """The time this machine takes for a decode step's weight reads alone, with no arithmetic
     (actsparse-bench-reads: the same sizes, rows drawn with the measured probabilities, the runtime's
-    split between threads, huge pages where the runtime uses them). Decode cannot be faster."""
+    split between threads, a barrier after each matrix, huge pages where the runtime uses them).
+    Decode cannot be faster."""
     with tempfile.TemporaryDirectory(prefix="actsparse-bench-") as tmp:
         plan = Path(tmp) / "reads.txt"
         with plan.open("w") as f:
@@ -216,7 +235,14 @@ def reads_seconds_per_token(reads: list[WeightRead], threads: int, repeats: int 
         if not huge_pages_on():
             cmd.append("--small-pages")
         out, _ = _run(cmd)
-    return float(json.loads(out)["seconds_per_token"])
+    j = json.loads(out)
+    return ReadsTiming(
+        float(j["seconds_per_token"]),
+        float(j["stream_seconds_per_token"]),
+        float(j["stream_bytes_per_token"]),
+        float(j["gather_seconds_per_token"]),
+        float(j["gather_bytes_per_token"]),
+    )
 
 
 def _run(cmd: list[str]) -> tuple[str, float]:
@@ -345,18 +371,17 @@ def measure(options: BenchOptions) -> dict[str, Any]:
     dense_reads = decode_reads(model)
     dense_bytes = sum(split_bytes(dense_reads))
     results[0].streamed_bytes = dense_bytes
-    results[0].reads_seconds = reads_seconds_per_token(dense_reads, threads)
-    stream_rate = dense_bytes / results[0].reads_seconds
+    dense_timing = time_reads(dense_reads, threads)
+    results[0].reads_seconds = dense_timing.seconds
+    stream_rate = dense_bytes / dense_timing.seconds
     for r in results[1:]:
         r.realized, activity = realized_sparsity(model, r.level, threads)
         reads = decode_reads(model, r.level, activity)
         r.streamed_bytes, r.gathered_bytes = split_bytes(reads)
         r.ceiling = dense_bytes / (r.streamed_bytes + r.gathered_bytes)
-        r.reads_seconds = reads_seconds_per_token(reads, threads)
-        if r.gathered_bytes > 0:
-            r.gathered_read_cost = (
-                (r.reads_seconds - r.streamed_bytes / stream_rate) * stream_rate / r.gathered_bytes
-            )
+        timing = time_reads(reads, threads)
+        r.reads_seconds = timing.seconds
+        r.gathered_read_cost = timing.gathered_read_cost
     report: dict[str, Any] = {
         "model": str(model),
         "machine": machine_info(),
