@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actsparse import calibration, column_norms, convert, gguf_io, schema, thresholds, transpose
+from actsparse import allocation, calibration, column_norms, convert, gguf_io, schema, thresholds, transpose
 from actsparse.data import calibration_corpus
 
 BIN_REL_WIDTH = 2.0**-7
@@ -132,7 +132,8 @@ def test_weighted_thresholds_equal_their_definition(small_model_path, tmp_path) 
     )  # fmt: skip
     assert stats.weighted_scores
     levels = [0.3, 0.5, 0.7]
-    made = {t.name: t.make() for t in convert.threshold_tensors(info, stats, levels, "chess", True)}
+    targets = allocation.uniform(levels, info.n_layer)
+    made = {t.name: t.make() for t in convert.threshold_tensors(info, stats, targets, "chess", True)}
     for il in layers:
         ls = stats.layers[il]
         w = {kind.name: norms[column_norms.tensor_name(kind, il)].astype(np.float64) for kind in schema.KINDS}

@@ -20,6 +20,9 @@
 #define ACTSPARSE_KEY_CALIB_WINDOW "actsparse.calibration.window"
 #define ACTSPARSE_KEY_CALIB_SPARSE_AWARE_TOKENS "actsparse.calibration.sparse_aware_tokens"
 #define ACTSPARSE_KEY_TOOL "actsparse.tool"
+// Optional, f32 array [levels][n_layer][kinds]: the sparsity each layer's kind targets at each level
+// (--allocate). Absent: every layer and kind targets the level itself.
+#define ACTSPARSE_KEY_ALLOCATION "actsparse.allocation"
 // Not in files: a kv override at model load (bool). True keeps ffn_up of the layers with thresholds
 // out of the CPU backend's repacked buffers, since sparse decode reads its single rows; --sparse
 // LEVEL > 0 sets it, and without it ffn_up loads repacked as llama.cpp loads it.
@@ -28,8 +31,9 @@
 // Two levels are the same level when they differ by less than this.
 #define ACTSPARSE_LEVEL_TOLERANCE 1e-4
 
-// The copy-cost rule: decode reads a transposed copy only where (1 - level) of its bytes is at
-// most this share of the original's bytes; elsewhere it multiplies the original by the masked input.
+// The copy-cost rule: decode reads a transposed copy only where (1 - target) of its bytes is at
+// most this share of the original's bytes, target being the layer's allocated sparsity at the level;
+// elsewhere it multiplies the original by the masked input.
 #define ACTSPARSE_SPARSE_BYTES_MARGIN 0.8
 
 // Per-layer tensor names, printf patterns of the layer index. llama.cpp's tensor table takes the

@@ -66,14 +66,15 @@ static bool decode_kernels_enabled() {
 // An input-sparse product reads (1 - s) of the transposed copy where the dense one reads the whole
 // original. The copy can be a wider type (Q8_0 beside Q4 originals) and its float accumulate
 // costs more per byte than ggml's integer mat-vec, so in "auto" the kernel runs only where it
-// reads at most SPARSE_BYTES_MARGIN of the original's bytes at the level's target sparsity;
+// reads at most SPARSE_BYTES_MARGIN of the original's bytes at the layer's target sparsity;
 // elsewhere the original multiplies the masked input (the same function, computed densely).
 // python/actsparse/benchmark.py applies the same rule to the bytes-per-token ceiling.
 static constexpr double SPARSE_BYTES_MARGIN = ACTSPARSE_SPARSE_BYTES_MARGIN;
 
-static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, const actsparse_context * st) {
+static bool sparse_kernel_pays(const ggml_tensor * w, const ggml_tensor * wt, const sparse_layer * sl, op_kind kind,
+                               const actsparse_context * st) {
     if (decode_kernels_mode() == DECODE_KERNELS_ALL) return true;
-    const double s = st->model->levels[st->level];
+    const double s = sl->target[kind][st->level];
     return (1.0 - s) * (double) ggml_nbytes(wt) <= SPARSE_BYTES_MARGIN * (double) ggml_nbytes(w);
 }
 
@@ -109,7 +110,7 @@ ggml_tensor * actsparse_build_ffn(ggml_context * ctx0, ggml_tensor * cur, ggml_t
     const bool decode = ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled();
     if (decode && plain_cpu_weight(up) && plain_cpu_weight(sl->weight_t[KIND_FFN])) {
         ggml_tensor * wt = sl->weight_t[KIND_FFN];
-        const bool down_sparse = sparse_kernel_pays(down, wt, st);
+        const bool down_sparse = sparse_kernel_pays(down, wt, sl, KIND_FFN, st);
         gathered_weight(st->model, up);
         if (down_sparse) gathered_weight(st->model, wt);
         ggml_tensor * srcs_sel[] = { g, thr, up, cur };
@@ -145,7 +146,7 @@ ggml_tensor * actsparse_build_mm(ggml_context * ctx0, ggml_tensor * w, ggml_tens
     if (!layer_ops(st, it->second.il, kind, ph, p, sl) || !ggml_is_contiguous(cur)) return nullptr;
     ggml_tensor * thr = sl->thresh[kind];
     ggml_tensor * wt = sl->weight_t[kind];
-    if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, st)) {
+    if (ph == PHASE_DECODE && ggml_nrows(cur) == 1 && decode_kernels_enabled() && plain_cpu_weight(wt) && sparse_kernel_pays(w, wt, sl, kind, st)) {
         gathered_weight(st->model, wt);
         ggml_tensor * y = sparse_product(ctx0, wt, cur, thr, p);
         if (check_decode()) {

@@ -73,6 +73,34 @@ static std::vector<float> read_levels(const gguf_context * meta) {
     return levels;
 }
 
+// Each layer and kind's target sparsity per level: the allocation the converter chose, or the level.
+static void read_targets(const gguf_context * meta, sparse_model * sm, size_t n_layer) {
+    const size_t n_levels = sm->levels.size(), n = n_levels * n_layer * N_KINDS;
+    const int64_t k = gguf_find_key(meta, ACTSPARSE_KEY_ALLOCATION);
+    const float * a = nullptr;
+    if (k >= 0) {
+        if (gguf_get_kv_type(meta, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, k) != GGUF_TYPE_FLOAT32 ||
+            gguf_get_arr_n(meta, k) != n) {
+            throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_ALLOCATION "' must be " + std::to_string(n) +
+                                     " f32 values (levels x layers x kinds)");
+        }
+        a = (const float *) gguf_get_arr_data(meta, k);
+        for (size_t i = 0; i < n; ++i) {
+            if (!(a[i] >= 0.0f && a[i] < 1.0f)) {
+                throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_ALLOCATION "' holds a value outside [0, 1)");
+            }
+        }
+    }
+    for (sparse_layer & sl : sm->layers) {
+        for (int kind = 0; kind < N_KINDS; ++kind) {
+            sl.target[kind].resize(n_levels);
+            for (size_t lv = 0; lv < n_levels; ++lv) {
+                sl.target[kind][lv] = a ? a[(lv * n_layer + sl.il) * N_KINDS + kind] : sm->levels[lv];
+            }
+        }
+    }
+}
+
 void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
     bool any = false;
     for (const auto & L : model.layers) any |= L.ffn_act_thresh || L.attn_q_in_thresh || L.attn_o_in_thresh;
@@ -118,6 +146,7 @@ void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
         }
         sm->layers.push_back(sl);
     }
+    read_targets(meta, sm.get(), model.layers.size());
 
     sm->layer_index.assign(model.layers.size(), -1);
     for (size_t i = 0; i < sm->layers.size(); ++i) {

@@ -41,6 +41,7 @@ struct sparse_layer {
     int il = -1;
     ggml_tensor * thresh[N_KINDS] = {};   // ffn_act_thresh, attn_q_in_thresh, attn_o_in_thresh
     ggml_tensor * weight_t[N_KINDS] = {}; // ffn_down_t, attn_q_t, attn_output_t
+    std::vector<float> target[N_KINDS];   // per level: the sparsity the thresholds aim at
 };
 
 // The anonymous region that decode's gathered weights move into (actsparse-layout.cpp): each

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 from . import engine, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
 from .options import add_command
+from .sparse_file import read_sparse_file
 
 
 @dataclass(frozen=True)
@@ -121,15 +123,30 @@ def uniform_activity(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: floa
     return out
 
 
+def layer_targets(path: Path, level: float | None) -> Callable[[schema.Kind, int], float]:
+    """(kind, layer) -> the sparsity that layer's kind aims at, at `level` (SparseFile.target where
+    the file has the level, else the level itself)."""
+    if level is not None:
+        try:
+            f = read_sparse_file(path)
+        except GGUFError:
+            f = None
+        if f is not None and f.allocated and f.has_level(level):
+            return lambda kind, il: f.target(kind, il, level)
+    return lambda kind, il: float(level or 0.0)
+
+
 def decode_reads(
     path: Path, level: float | None = None, activity: Activity | None = None
 ) -> list[WeightRead]:
     """The weight reads of one decode step, in file order: every matrix it multiplies (the output
     layer included, token_embd only when it doubles as the output) is read whole, except, at a
     sparse `level` with each channel's measured `activity`, ffn_up and each transposed copy the
-    runtime chooses to read (schema.sparse_kernel_pays), of which only the active rows are read, at
-    their real type. Without a level: dense decode of the original tensors."""
+    runtime chooses to read (schema.sparse_kernel_pays at the layer's target: its allocation at a
+    level of the file, else `level`), of which only the active rows are read, at their real type.
+    Without a level: dense decode of the original tensors."""
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
+    target = layer_targets(path, level)
     reads = []
     for name, t in tensors.items():
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", name)
@@ -162,7 +179,7 @@ def decode_reads(
             reads.append(WeightRead(name, whole.row_bytes, rows, layer_activity))
             continue
         copy = tensors[sparse_kind.copy_name(int(m.group(1)))]
-        if schema.sparse_kernel_pays(level, copy.n_bytes, t.n_bytes):
+        if schema.sparse_kernel_pays(target(sparse_kind, int(m.group(1))), copy.n_bytes, t.n_bytes):
             copy_rows = int(np.prod(copy.shape[1:]))
             reads.append(WeightRead(copy.name, copy.n_bytes // copy_rows, copy_rows, layer_activity))
         else:

@@ -12,14 +12,14 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from . import __version__, calibration, column_norms, gguf_io, schema, thresholds, transpose
+from . import __version__, allocation, calibration, column_norms, gguf_io, schema, thresholds, transpose
 from .gguf_io import GGUFError, ModelInfo, NewTensor
 from .options import from_args
 from .progress import Stage, StagedProgress
@@ -30,6 +30,7 @@ DEFAULT_TOKENS = 65536
 DEFAULT_REFINE_TOKENS = 8192
 DEFAULT_WINDOW = 512
 DEFAULT_TRANSPOSED_TYPE = "q8_0"
+DEFAULT_ALLOCATE_TOKENS = 1024
 
 
 class UsageError(ValueError):
@@ -52,6 +53,8 @@ class ConvertOptions:
     window: int = DEFAULT_WINDOW
     transposed_type: str = DEFAULT_TRANSPOSED_TYPE
     weighted_scores: bool = False
+    allocate: bool = False
+    allocate_tokens: int = DEFAULT_ALLOCATE_TOKENS
     save_stats: Path | None = None
     load_stats: Path | None = None
     threads: int = 2
@@ -119,6 +122,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the output it moves, instead of CHESS's magnitude alone. Model-dependent: at equal bytes it "
         "lowered Qwen2.5-Coder-1.5B's KLD by 7-14%% and raised SmolLM2-135M's by 8-28%% "
         "(default off; docs/gguf-format.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allocate", action=argparse.BooleanOptionalAction, default=False,
+        help="spread each level's saving over layers and kinds by measured sensitivity instead of "
+        "giving each the level: every layer's FFN, q input and o input is run alone sparse, its KL "
+        "divergence against dense measured, and each level skips the bytes uniform sparsity skips at "
+        "the least modelled cost (default off; docs/gguf-format.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allocate-tokens", type=int, default=DEFAULT_ALLOCATE_TOKENS, metavar="N",
+        help="calibration tokens of each sensitivity probe of --allocate, one probe per layer and "
+        f"kind (default {DEFAULT_ALLOCATE_TOKENS})",
     )  # fmt: skip
     p.add_argument(
         "--save-stats", type=Path, metavar="PATH",
@@ -196,29 +211,59 @@ def choose_default_level(levels: list[float], requested: float | None) -> float:
     return levels[len(levels) // 2]
 
 
-def threshold_tensors(
-    info: ModelInfo, stats: calibration.CalibrationStats, levels: list[float], method: str, attn: bool
-) -> list[NewTensor]:
-    out: list[NewTensor] = []
-    f32 = GGMLQuantizationType.F32
-    for il, ls in enumerate(stats.layers):
+def kind_thresholds(
+    ls: calibration.LayerStats, kind: schema.Kind, targets: Sequence[float], method: str
+) -> np.ndarray:
+    """[len(targets), n] thresholds of one layer's `kind`, one row per target sparsity (0: none
+    skipped, threshold 0)."""
+    if kind is schema.FFN:
         if method == "chess":
             if ls.score_hist is None:
                 raise RuntimeError("CHESS scores missing from the statistics")
             scale = ls.mean_abs_up * ls.col_norms["ffn"] if "ffn" in ls.col_norms else ls.mean_abs_up
-            t = thresholds.chess_thresholds(scale, ls.score_hist, levels)
+
+            def at(levels: list[float]) -> np.ndarray:
+                return thresholds.chess_thresholds(scale, ls.score_hist, levels)
+
+            width = ls.mean_abs_up.size
         else:
-            t = thresholds.cats_thresholds(ls.act_hist, levels)
-        out.append(_const(schema.FFN.thresh_name(il), t, f32))
-        if attn:
-            if ls.q_in_hist is None or ls.o_in_hist is None:
-                raise RuntimeError(f"layer {il}: attention statistics missing (attn_norm/kqv_out not seen)")
-            for kind, hist in ((schema.ATTN_Q_IN, ls.q_in_hist), (schema.ATTN_O_IN, ls.o_in_hist)):
-                norms = ls.col_norms.get(kind.name)
-                # weighted: a histogram of |x_i| ||W[:, i]||, so input i's threshold is tau / ||W[:, i]||
-                t = thresholds.layer_thresholds(hist, levels) if norms is None else (
-                    thresholds.chess_thresholds(norms, hist, levels))  # fmt: skip
-                out.append(_const(kind.thresh_name(il), t, f32))
+
+            def at(levels: list[float]) -> np.ndarray:
+                return thresholds.cats_thresholds(ls.act_hist, levels)
+
+            width = 1
+    else:
+        hist = ls.q_in_hist if kind is schema.ATTN_Q_IN else ls.o_in_hist
+        if hist is None:
+            raise RuntimeError("attention statistics missing (attn_norm/kqv_out not seen)")
+        norms = ls.col_norms.get(kind.name)
+
+        # weighted: a histogram of |x_i| ||W[:, i]||, so input i's threshold is tau / ||W[:, i]||
+        def at(levels: list[float]) -> np.ndarray:
+            if norms is None:
+                return thresholds.layer_thresholds(hist, levels)
+            return thresholds.chess_thresholds(norms, hist, levels)
+
+        width = 1 if norms is None else norms.size
+    out = np.zeros((len(targets), width), dtype=np.float32)
+    live = [i for i, v in enumerate(targets) if v > 0]
+    if live:
+        out[live] = at([float(targets[i]) for i in live])
+    return out
+
+
+def threshold_tensors(
+    info: ModelInfo, stats: calibration.CalibrationStats, targets: np.ndarray, method: str, attn: bool
+) -> list[NewTensor]:
+    """Every threshold tensor; `targets` [levels, n_layer, kinds] is each layer's kind's sparsity at
+    each level (allocation.uniform for uniform levels)."""
+    out: list[NewTensor] = []
+    f32 = GGMLQuantizationType.F32
+    kinds = schema.KINDS if attn else (schema.FFN,)
+    for il, ls in enumerate(stats.layers):
+        for kind in kinds:
+            t = kind_thresholds(ls, kind, targets[:, il, schema.KINDS.index(kind)].tolist(), method)
+            out.append(_const(kind.thresh_name(il), t, f32))
     return out
 
 
@@ -245,6 +290,7 @@ def sparse_aware_thresholds(
     dense_stats: Path,
     dense_thresholds: dict[str, np.ndarray],
     p: Plan,
+    targets: np.ndarray,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each level's thresholds corrected by statistics of the runtime at that level.
@@ -256,13 +302,15 @@ def sparse_aware_thresholds(
     threshold becomes its dense value times the ratio of the sparse to the dense quantile on those
     windows: the ratio measures the sparse layers' effect with the text's own variation cancelled,
     so a few thousand tokens per level do what a full pass per level would. CHESS keeps the first
-    pass's E|u_i|, so only each layer's tau moves. Returns the new [levels, n] values of every
-    threshold tensor.
+    pass's E|u_i|, so only each layer's tau moves. `targets` are each layer's kind's sparsity per
+    level. Returns the new [levels, n] values of every threshold tensor.
     """
     o = p.options
     tokens = p.refine_tokens
 
-    def run(k: int, source: Path, level: float) -> dict[str, np.ndarray]:
+    def run(k: int, source: Path, row: int | None) -> dict[str, np.ndarray]:
+        """Pass k: `source` at level `row` of the file (None: dense, every level's thresholds)."""
+        level = 0.0 if row is None else p.levels[row]
         stats = calibration.collect(
             source, text, tokens=tokens, window=o.window, threads=o.threads,
             chess=o.method == "chess", sparse=level,
@@ -270,15 +318,15 @@ def sparse_aware_thresholds(
             column_norms=dense_stats if o.weighted_scores else None,  # the statistics carry the norms
             on_progress=None if on_progress is None else lambda n: on_progress(k * tokens + n),
         )  # fmt: skip
-        levels = p.levels if level == 0 else [level]
-        return {t.name: t.make() for t in threshold_tensors(info, stats, levels, o.method, o.attn)}
+        at = targets if row is None else targets[row : row + 1]
+        return {t.name: t.make() for t in threshold_tensors(info, stats, at, o.method, o.attn)}
 
     same_windows = reuses_dense_windows(p)
-    dense_subset = dense_thresholds if same_windows else run(0, dense_model, 0.0)
+    dense_subset = dense_thresholds if same_windows else run(0, dense_model, None)
     first = 0 if same_windows else 1
     rows: dict[str, list[np.ndarray]] = {}
-    for k, level in enumerate(p.levels):
-        for name, sparse in run(k + first, model, level).items():
+    for k in range(len(p.levels)):
+        for name, sparse in run(k + first, model, k).items():
             dense_full, dense_sub = dense_thresholds[name][k], dense_subset[name][k]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(dense_sub > 0, sparse[0] / dense_sub, 1.0)
@@ -288,14 +336,54 @@ def sparse_aware_thresholds(
     return {name: np.maximum.accumulate(np.stack(v), axis=0) for name, v in rows.items()}
 
 
-def overwrite_thresholds(path: Path, values: dict[str, np.ndarray]) -> None:
-    """Write new values into the threshold tensors of a GGUF in place (same shapes)."""
+def overwrite_thresholds(
+    path: Path, values: dict[str, np.ndarray], targets: np.ndarray | None = None
+) -> None:
+    """Write new values into the threshold tensors of a GGUF in place (same shapes), and new
+    targets into its schema.KEY_ALLOCATION."""
     reader = GGUFReader(path, "r+")
     for t in reader.tensors:
         if t.name in values:
             t.data[...] = values[t.name].reshape(t.data.shape)
+    if targets is not None:
+        f = reader.get_field(schema.KEY_ALLOCATION)
+        flat = np.asarray(targets, dtype=np.float32).reshape(-1)
+        if f is None or len(f.data) != flat.size:
+            raise RuntimeError(f"{path}: no room for the allocation")
+        for i, v in zip(f.data, flat, strict=True):
+            f.parts[i][0] = v
     reader.data.flush()
     del reader
+
+
+def allocated_targets(
+    p: Plan,
+    stats: calibration.CalibrationStats,
+    written: Path,
+    text: str,
+    on_progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Stage --allocate: each unit's sensitivity measured on `written` (its thresholds at the
+    first level rewritten per probe), then each level's allocation (allocation.py)."""
+    o = p.options
+    unit_list = allocation.units(p.info, stats, o.method, o.attn)
+    zeros = {t.name: np.zeros_like(t.make()) for t in threshold_tensors(
+        p.info, stats, allocation.uniform(p.levels, p.info.n_layer), o.method, o.attn)}  # fmt: skip
+
+    def probe_thresholds(u: allocation.Unit, s: float) -> tuple[str, np.ndarray]:
+        name = u.kind.thresh_name(u.layer)
+        values = zeros[name].copy()
+        values[0] = kind_thresholds(stats.layers[u.layer], u.kind, [s], o.method)[0]
+        return name, values
+
+    probe = allocation.ProbeOptions(
+        tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens), threads=o.threads
+    )
+    kld = allocation.measure_sensitivity(
+        written, p.levels[0], unit_list, probe_thresholds, lambda v: overwrite_thresholds(written, v), zeros,
+        text, probe, on_progress,
+    )  # fmt: skip
+    return allocation.allocation(unit_list, kld, probe.probe, p.levels, p.info.n_layer)
 
 
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
@@ -353,6 +441,8 @@ def plan(options: ConvertOptions) -> Plan:
         refine_tokens = min(options.calib_tokens, DEFAULT_REFINE_TOKENS)
     if refine_tokens < 0:
         raise UsageError("--refine-tokens must be 0 or more")
+    if options.allocate and options.allocate_tokens < 2:
+        raise UsageError("--allocate-tokens must be 2 or more")
     return Plan(options, info, out, levels, default_level, refine_tokens)
 
 
@@ -386,7 +476,11 @@ def metadata(
     p: Plan, stats: calibration.CalibrationStats, calib: CalibText
 ) -> dict[str, tuple[object, GGUFValueType]]:
     o = p.options
-    return {
+    allocated = {}
+    if o.allocate:  # uniform until the allocation stage writes its values in place
+        flat = allocation.uniform(p.levels, p.info.n_layer).reshape(-1).tolist()
+        allocated[schema.KEY_ALLOCATION] = (flat, GGUFValueType.ARRAY)
+    return allocated | {
         schema.KEY_FORMAT_VERSION: (schema.FORMAT_VERSION, GGUFValueType.UINT32),
         schema.KEY_METHOD: (o.method, GGUFValueType.STRING),
         schema.KEY_LEVELS: (p.levels, GGUFValueType.ARRAY),
@@ -418,6 +512,9 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
     if o.load_stats is None:
         stages.append(Stage("statistics", o.calib_tokens, tokens_per_s))
     stages.append(Stage("writing", file_bytes + new_bytes, 2e8))
+    if o.allocate:
+        probes = len(allocation.units_of(p.info, o.attn)) + 2  # and the dense and the floor runs
+        stages.append(Stage("allocation", probes, tokens_per_s / max(o.allocate_tokens, 1)))
     if p.refine_tokens > 0:
         stages.append(Stage("sparse-aware", len(p.levels) * p.refine_tokens, tokens_per_s, like="statistics"))
     return stages
@@ -458,7 +555,8 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                 stats, calib, stats_file = statistics_stage(p, Path(tmp), update, norms)
         else:
             stats, calib, stats_file = statistics_stage(p, Path(tmp))
-        first = threshold_tensors(p.info, stats, p.levels, o.method, o.attn)
+        targets = allocation.uniform(p.levels, p.info.n_layer)
+        first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
         new = first + copies
         reader = p.info.reader
         with gguf_io.atomic_output(p.out) as written:
@@ -476,14 +574,22 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     progress=wrote,
                 )  # fmt: skip
             gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
+            text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
+            if o.allocate:
+                units = len(allocation.units_of(p.info, o.attn))
+                with bar.stage(
+                    "allocation", f"({units} layers x kinds, {o.allocate_tokens} tokens each)"
+                ) as update:
+                    targets = allocated_targets(p, stats, written, text, update)
+                    first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
+                    overwrite_thresholds(written, {t.name: t.make() for t in first}, targets)
             if p.refine_tokens > 0:
-                text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
                 dense_run = "" if reuses_dense_windows(p) else "dense + "
                 detail = f"({dense_run}{len(p.levels)} levels x {p.refine_tokens} tokens)"
                 with bar.stage("sparse-aware", detail) as update:
                     refined = sparse_aware_thresholds(
                         written, o.model, p.info, text, stats_file, {t.name: t.make() for t in first}, p,
-                        on_progress=update,
+                        targets, on_progress=update,
                     )  # fmt: skip
                     overwrite_thresholds(written, refined)
     summary = bar.close()

@@ -29,6 +29,9 @@ KEY_CALIB_TOKENS = "actsparse.calibration.tokens"
 KEY_CALIB_WINDOW = "actsparse.calibration.window"
 KEY_CALIB_SPARSE_AWARE_TOKENS = "actsparse.calibration.sparse_aware_tokens"
 KEY_TOOL = "actsparse.tool"
+# Optional, f32 array [levels][n_layer][kinds]: the sparsity each layer's kind targets at each level
+# (--allocate). Absent: every layer and kind targets the level itself.
+KEY_ALLOCATION = "actsparse.allocation"
 # Not in files: a kv override at model load (bool) that keeps ffn_up of the layers with thresholds
 # out of the CPU backend's repacked buffers, since sparse decode reads its single rows.
 KEY_PLAIN_UP_ROWS = "actsparse.plain_up_rows"
@@ -37,8 +40,9 @@ KEY_PLAIN_UP_ROWS = "actsparse.plain_up_rows"
 # values with it, so does every Python reader).
 LEVEL_TOLERANCE = 1e-4
 
-# The copy-cost rule: decode reads a transposed copy only where (1 - level) of its bytes is at
-# most this share of the original's bytes; elsewhere it multiplies the original by the masked input.
+# The copy-cost rule: decode reads a transposed copy only where (1 - target) of its bytes is at
+# most this share of the original's bytes, target being the layer's allocated sparsity at the level;
+# elsewhere it multiplies the original by the masked input.
 SPARSE_BYTES_MARGIN = 0.8
 
 
@@ -106,6 +110,6 @@ def same_level(a: float, b: float) -> bool:
     return abs(a - b) < LEVEL_TOLERANCE
 
 
-def sparse_kernel_pays(level: float, copy_bytes: float, original_bytes: float) -> bool:
-    """The copy-cost rule at a level's target sparsity."""
-    return (1.0 - level) * copy_bytes <= SPARSE_BYTES_MARGIN * original_bytes
+def sparse_kernel_pays(target: float, copy_bytes: float, original_bytes: float) -> bool:
+    """The copy-cost rule at a layer's target sparsity."""
+    return (1.0 - target) * copy_bytes <= SPARSE_BYTES_MARGIN * original_bytes

@@ -44,6 +44,12 @@ class SparseFile:
     transposed_type: str
     calibration: Calibration
     weighted_scores: bool = False
+    # [levels, n_layer, kinds] target sparsity of each layer's kind (--allocate); None: the level
+    allocation: np.ndarray | None = None
+
+    @property
+    def allocated(self) -> bool:
+        return self.allocation is not None
 
     @property
     def label(self) -> str:
@@ -58,6 +64,13 @@ class SparseFile:
             available = ", ".join(f"{v:g}" for v in self.levels)
             raise ValueError(f"sparsity level {level:g} is not in {self.path}; available: {available}")
         return row
+
+    def target(self, kind: Kind, il: int, level: float | None = None) -> float:
+        """The sparsity layer il's `kind` aims at, at `level`: its allocation, or the level."""
+        row = self.level_row(level)
+        if self.allocation is None:
+            return self.levels[row]
+        return float(self.allocation[row, il, schema.KINDS.index(kind)])
 
     def has_level(self, level: float) -> bool:
         return schema.level_index(self.levels, level) is not None
@@ -89,6 +102,14 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
     if not levels:
         raise GGUFError(f"{path}: no sparsity levels ({schema.KEY_LEVELS} missing or empty)")
     info = gguf_io.describe_model(reader, path)
+    allocation = field_value(reader, schema.KEY_ALLOCATION)
+    if allocation is not None:
+        shape = (len(levels), info.n_layer, len(schema.KINDS))
+        allocation = np.asarray(allocation, dtype=np.float32)
+        if allocation.size != np.prod(shape) or not np.all((allocation >= 0) & (allocation < 1)):
+            dims = "x".join(map(str, shape))
+            raise GGUFError(f"{path}: {schema.KEY_ALLOCATION} is not {dims} values in [0, 1)")
+        allocation = allocation.reshape(shape)
     return SparseFile(
         path=path,
         model=info,
@@ -102,6 +123,7 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
         activation=str(field_value(reader, schema.KEY_ACTIVATION, info.activation)),
         transposed_type=str(field_value(reader, schema.KEY_TRANSPOSED_TYPE, "")),
         weighted_scores=bool(field_value(reader, schema.KEY_WEIGHTED_SCORES, False)),
+        allocation=allocation,
         calibration=Calibration(
             source=str(field_value(reader, schema.KEY_CALIB_SOURCE, "")),
             sha256=str(field_value(reader, schema.KEY_CALIB_SHA256, "")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,8 @@ class LayerInfo:
     attn_q: bool
     attn_o: bool
     ffn_thresh_median: list[float]  # per level, median over channels
+    # at the default level, each kind's target sparsity (its allocation, or the level)
+    target: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SparsityInfo:
     calibration: dict[str, object]
     format_version: int
     weighted_scores: bool = False
+    allocated: bool = False
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
@@ -53,6 +56,9 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
                 attn_q=schema.ATTN_Q_IN.thresh_name(il) in f.model.tensors,
                 attn_o=schema.ATTN_O_IN.thresh_name(il) in f.model.tensors,
                 ffn_thresh_median=[float(np.median(v)) for v in values],
+                target={
+                    k.name: f.target(k, il) for k in schema.KINDS if k.thresh_name(il) in f.model.tensors
+                },
             )
         )
     c = f.calibration
@@ -67,6 +73,7 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
         calibration={"tokens": c.tokens, "source": c.source, "sha256": c.sha256, "window": c.window},
         format_version=f.format_version,
         weighted_scores=f.weighted_scores,
+        allocated=f.allocated,
     )
 
 
@@ -99,10 +106,18 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     n_attn = sum(1 for li in info.layers if li.attn_q and li.attn_o)
     print(f"layers with thresholds: {len(info.layers)} FFN, {n_attn} attention")
-    header = "layer  channels  attn  " + "  ".join(f"t~@{v:g}".rjust(9) for v in info.levels)
+    if info.allocated:
+        print(f"allocation:  by measured sensitivity, per layer and kind (s@{info.default_level:g} below)")
+    kinds = [k.name for k in schema.KINDS]
+    targets = "  ".join(f"{'s@' + k.removeprefix('attn_').removesuffix('_in'):>6}" for k in kinds)
+    header = "layer  channels  attn  " + targets + "  " + "  ".join(f"t~@{v:g}".rjust(9) for v in info.levels)
     print(header)
     for li in info.layers:
         med = "  ".join(f"{m:9.4g}" for m in li.ffn_thresh_median)
-        print(f"{li.layer:5d}  {li.ffn_channels:8d}  {'q,o' if li.attn_q and li.attn_o else '-':4s}  {med}")
-    print("(t~ = median FFN threshold over channels)")
+        s = "  ".join(f"{li.target[k]:6.3f}" if k in li.target else f"{'-':>6}" for k in kinds)
+        print(
+            f"{li.layer:5d}  {li.ffn_channels:8d}  {'q,o' if li.attn_q and li.attn_o else '-':4s}  {s}  {med}"
+        )
+    print(f"(s@ = target sparsity of FFN channels, q input, o input at {info.default_level:g}; "
+          "t~ = median FFN threshold over channels)")  # fmt: skip
     return 0
