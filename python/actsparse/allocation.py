@@ -1,14 +1,21 @@
 """Each level's saving spread over layers and kinds by measured sensitivity (`--allocate`).
 
 Uniform sparsity gives every layer's FFN channels, q input and o input the level's fraction, yet
-layers differ widely in what a skipped byte costs. Here a *unit* is one layer's one kind. Its cost
-at sparsity s, alone sparse in an otherwise dense model, is the model's mean KL divergence against
-dense on calibration text, measured with the real runtime (llama-perplexity) once, at the probe
-sparsity. Its shape in s follows the unit's dropped energy: the share of its squared scores that
-fall below the s-quantile (to first order the KL divergence grows with the squared output error
-the skipped inputs carry). Units' costs add, to first order. Each level then minimises the summed
-cost subject to skipping the weight bytes uniform sparsity at the level skips (a level's name stays
-its model-wide saving): a Lagrange multiplier, bisected until the saving is met.
+layers differ widely in what a skipped byte costs. Here a *unit* is one layer's one kind. What a
+unit costs at sparsity s is modelled from measurements with the real runtime (llama-perplexity's
+KL divergence against dense, on calibration text):
+- each unit alone sparse at the probe sparsity, the rest of the model dense: how the units of one
+  kind compare;
+- each kind sparse at the probe sparsity in every layer: what the kind costs as a whole. The costs
+  of the kinds add (on SmolLM2-135M: FFN alone 0.164, attention alone 0.061, both 0.230), those of
+  one kind's layers do not (the single-layer figures sum to 1.5x the whole FFN's, 3-4x the whole
+  q or o input's), so each kind's single-layer figures are scaled to sum to its whole figure;
+- in s, a unit's cost follows its dropped energy, the share of its squared scores below the
+  s-quantile (to first order the KL divergence grows with the squared output error the skipped
+  inputs carry; on SmolLM2 it predicts uniform 0.3 at 0.22x the cost of 0.5, measured 0.21x).
+Each level then minimises the summed cost subject to skipping the weight bytes uniform sparsity at
+the level skips (a level's name stays its model-wide saving): a Lagrange multiplier, bisected until
+the saving is met.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
-from .calibration import CalibrationStats
+from .calibration import CalibrationError, CalibrationStats
 from .gguf_io import ModelInfo
 from .thresholds import N_BINS, bin_edges
 
 MAX_SPARSITY = 0.9  # no unit is allocated more: the cost curve is extrapolated beyond the probe
 GRID = np.round(np.linspace(0.0, MAX_SPARSITY, 73), 6)  # steps of 0.0125
 DEFAULT_PROBE = 0.5
+DEFAULT_PROBE_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,12 @@ def units_of(info: ModelInfo, attn: bool) -> list[tuple[int, schema.Kind]]:
     return [(il, k) for il in range(info.n_layer) for k in kinds]
 
 
+def probe_runs(info: ModelInfo, attn: bool, options: ProbeOptions) -> int:
+    """llama-perplexity runs of measure_sensitivity: dense, the floor, each unit, each kind."""
+    kinds = len(schema.KINDS) if attn else 1
+    return 2 + len(units_of(info, attn)) + kinds * len(whole_kind_sparsities(options))
+
+
 def _bin_values() -> np.ndarray:
     edges = bin_edges()
     with np.errstate(invalid="ignore", over="ignore"):
@@ -88,14 +102,45 @@ def dropped_energy(hist: np.ndarray, grid: Sequence[float] = GRID) -> np.ndarray
     return np.where(np.asarray(grid) > 0, out, 0.0)
 
 
-def cost_curves(unit_list: Sequence[Unit], probe_kld: np.ndarray, probe: float) -> np.ndarray:
-    """[units, GRID]: each unit's modelled KL divergence at each grid sparsity."""
+@dataclass
+class Sensitivity:
+    """What the probes measured (mean KL divergence against dense, the floor taken off)."""
+
+    probe: float  # the probe sparsity
+    unit: np.ndarray  # each unit's share of its kind's cost at the probe sparsity
+    whole: dict[str, dict[float, float]]  # kind name -> sparsity -> the whole kind's cost
+
+
+EXPONENTS = np.linspace(0.5, 4.0, 36)
+
+
+def cost_curves(unit_list: Sequence[Unit], sens: Sensitivity) -> np.ndarray:
+    """[units, GRID]: each unit's modelled KL divergence at each grid sparsity: its figure at the
+    probe times its dropped energy relative to the probe's, to a power fitted per kind so that the
+    kind's units together cost what the whole kind measured at each probed sparsity."""
     out = np.empty((len(unit_list), len(GRID)))
-    at_probe = dropped_energy_at(unit_list, probe)
-    for i, u in enumerate(unit_list):
-        shape = dropped_energy(u.score_hist)
-        out[i] = max(float(probe_kld[i]), 0.0) * (shape / at_probe[i] if at_probe[i] > 0 else GRID / probe)
+    for kind in dict.fromkeys(u.kind for u in unit_list):
+        members = [i for i, u in enumerate(unit_list) if u.kind is kind]
+        ratio = np.empty((len(members), len(GRID)))
+        for j, i in enumerate(members):
+            e = dropped_energy(unit_list[i].score_hist)
+            at = dropped_energy(unit_list[i].score_hist, [sens.probe])[0]
+            ratio[j] = e / at if at > 0 else GRID / sens.probe
+        g = np.maximum(sens.unit[members], 0.0)
+        measured = {v: w for v, w in sens.whole.get(kind.name, {}).items() if w > 0}
+        best, power = np.inf, 1.0
+        for pw in EXPONENTS:
+            modelled = {v: float(g @ _at(ratio, v) ** pw) for v in measured}
+            err = sum((np.log(max(modelled[v], 1e-12)) - np.log(w)) ** 2 for v, w in measured.items())
+            if err < best - 1e-12:
+                best, power = err, float(pw)
+        out[members] = g[:, None] * ratio**power
     return out
+
+
+def _at(curves: np.ndarray, s: float) -> np.ndarray:
+    """Each row of [n, GRID] curves at sparsity s, linearly interpolated."""
+    return np.array([np.interp(s, GRID, row) for row in curves])
 
 
 def dropped_energy_at(unit_list: Sequence[Unit], s: float) -> np.ndarray:
@@ -124,11 +169,11 @@ def allocate(saved_bytes: np.ndarray, cost: np.ndarray, level: float) -> np.ndar
 
 
 def allocation(
-    unit_list: Sequence[Unit], probe_kld: np.ndarray, probe: float, levels: Sequence[float], n_layer: int
+    unit_list: Sequence[Unit], sens: Sensitivity, levels: Sequence[float], n_layer: int
 ) -> np.ndarray:
     """[levels, n_layer, kinds] targets (schema.KEY_ALLOCATION), each level's no lower than the
     previous one's (the runtime's thresholds rise with the level)."""
-    cost = cost_curves(unit_list, probe_kld, probe)
+    cost = cost_curves(unit_list, sens)
     saved = np.array([u.saved_bytes for u in unit_list])
     out = np.zeros((len(levels), n_layer, len(schema.KINDS)))
     prev = np.zeros(len(unit_list))
@@ -147,12 +192,17 @@ def uniform(levels: Sequence[float], n_layer: int) -> np.ndarray:
     ).copy()
 
 
+def whole_kind_sparsities(options: ProbeOptions) -> list[float]:
+    return sorted({options.probe, *(v for v in options.fit if 0 < v <= MAX_SPARSITY)})
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """How the units' sensitivity is measured."""
 
     probe: float = DEFAULT_PROBE
-    tokens: int = 1024
+    fit: tuple[float, ...] = (0.3, 0.7)  # the whole kinds are also measured here, to fit the curve
+    tokens: int = DEFAULT_PROBE_TOKENS
     window: int = 512
     threads: int = 2
 
@@ -167,36 +217,64 @@ def measure_sensitivity(
     text: str,
     options: ProbeOptions,
     on_progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Each unit's mean KL divergence alone sparse at the probe sparsity.
+) -> Sensitivity:
+    """Each unit's share of the mean KL divergence at the probe sparsity (module docstring): its
+    kind's whole cost, split between the kind's units as they cost alone; and each kind's whole
+    cost at the fit sparsities.
 
     `model` is the converted file, its thresholds at `level_slot` rewritten per probe through
-    `write` (all `zeros` first: a dense model; then one unit's `unit_thresholds` at a time). What
-    the runtime costs with every threshold 0 is measured first and taken off each unit's figure."""
+    `write` (all `zeros` first: a dense model; then one unit's `unit_thresholds` at a time, then
+    every unit of one kind). What the runtime costs with every threshold 0 is measured first and
+    taken off each figure."""
     from . import evaluate
 
-    window = min(options.window, max(2, options.tokens))
-    chunks = max(2, -(-options.tokens // window))  # llama-perplexity scores half of each window
+    window = max(16, min(options.window, options.tokens))
+    chunks = -(-options.tokens // window)
+    while evaluate.scored_tokens(window, chunks) < evaluate.KLD_MIN_SCORED:
+        chunks += 1
+
+    def done(n: int) -> None:
+        if on_progress is not None:
+            on_progress(n)
+
     write(zeros)
     out = np.zeros(len(unit_list))
+    whole: dict[str, dict[float, float]] = {}
+    fit_at = whole_kind_sparsities(options)
     with tempfile.TemporaryDirectory(prefix="actsparse-alloc-") as tmp:
         text_file, base = Path(tmp) / "probe.txt", Path(tmp) / "dense.kld"
-        text_file.write_text(text, encoding="utf-8")
-        evaluate.dense_text_metrics(model, text_file, base, window, chunks, options.threads)
-        if on_progress is not None:
-            on_progress(1)
-        # the floor: every threshold 0 yet the sparse runtime on (ffn_up unrepacked, say)
-        floor, _ = evaluate.sparse_text_metrics(
-            model, level_slot, text_file, base, window, chunks, options.threads
-        )
-        for i, u in enumerate(unit_list):
-            name, values = unit_thresholds(u, options.probe)
-            write({name: values})
-            metrics, _ = evaluate.sparse_text_metrics(
+        # a generous prefix: llama-perplexity tokenizes the whole file on every run
+        text_file.write_text(text[: 32 * window * chunks], encoding="utf-8")
+
+        def kld() -> float:
+            m, _ = evaluate.sparse_text_metrics(
                 model, level_slot, text_file, base, window, chunks, options.threads
             )
-            write({name: zeros[name]})
-            out[i] = max(metrics["kld_mean"] - floor["kld_mean"], 0.0)
-            if on_progress is not None:
-                on_progress(i + 3)
-    return out
+            return float(m["kld_mean"])
+
+        try:
+            evaluate.dense_text_metrics(model, text_file, base, window, chunks, options.threads)
+            done(1)
+            floor = kld()  # every threshold 0 yet the sparse runtime on (ffn_up unrepacked, say)
+            done(2)
+            for i, u in enumerate(unit_list):
+                name, values = unit_thresholds(u, options.probe)
+                write({name: values})
+                out[i] = max(kld() - floor, 0.0)
+                write({name: zeros[name]})
+                done(i + 3)
+            runs = 2 + len(unit_list)
+            for kind in dict.fromkeys(u.kind for u in unit_list):
+                members = [i for i, u in enumerate(unit_list) if u.kind is kind]
+                for v in fit_at:
+                    probes = dict(unit_thresholds(unit_list[i], v) for i in members)
+                    write(probes)
+                    whole.setdefault(kind.name, {})[v] = max(kld() - floor, 0.0)
+                    write({name: zeros[name] for name in probes})
+                    runs += 1
+                    done(runs)
+                alone, at_probe = out[members].sum(), whole[kind.name][options.probe]
+                out[members] = out[members] * (at_probe / alone) if alone > 0 else at_probe / len(members)
+        except evaluate.ToolOutputError as e:
+            raise CalibrationError(f"sensitivity probe: {e}") from None
+    return Sensitivity(options.probe, out, whole)

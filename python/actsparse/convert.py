@@ -30,7 +30,7 @@ DEFAULT_TOKENS = 65536
 DEFAULT_REFINE_TOKENS = 8192
 DEFAULT_WINDOW = 512
 DEFAULT_TRANSPOSED_TYPE = "q8_0"
-DEFAULT_ALLOCATE_TOKENS = 1024
+DEFAULT_ALLOCATE_TOKENS = allocation.DEFAULT_PROBE_TOKENS
 
 
 class UsageError(ValueError):
@@ -376,14 +376,21 @@ def allocated_targets(
         values[0] = kind_thresholds(stats.layers[u.layer], u.kind, [s], o.method)[0]
         return name, values
 
-    probe = allocation.ProbeOptions(
-        tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens), threads=o.threads
-    )
-    kld = allocation.measure_sensitivity(
+    probe = probe_options(p)
+    sens = allocation.measure_sensitivity(
         written, p.levels[0], unit_list, probe_thresholds, lambda v: overwrite_thresholds(written, v), zeros,
         text, probe, on_progress,
     )  # fmt: skip
-    return allocation.allocation(unit_list, kld, probe.probe, p.levels, p.info.n_layer)
+    return allocation.allocation(unit_list, sens, p.levels, p.info.n_layer)
+
+
+def probe_options(p: Plan) -> allocation.ProbeOptions:
+    """--allocate's probes: the whole kinds also at the lowest and highest level."""
+    o = p.options
+    return allocation.ProbeOptions(
+        fit=(p.levels[0], p.levels[-1]), tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens),
+        threads=o.threads,
+    )  # fmt: skip
 
 
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
@@ -513,8 +520,13 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
         stages.append(Stage("statistics", o.calib_tokens, tokens_per_s))
     stages.append(Stage("writing", file_bytes + new_bytes, 2e8))
     if o.allocate:
-        probes = len(allocation.units_of(p.info, o.attn)) + 2  # and the dense and the floor runs
-        stages.append(Stage("allocation", probes, tokens_per_s / max(o.allocate_tokens, 1)))
+        stages.append(
+            Stage(
+                "allocation",
+                allocation.probe_runs(p.info, o.attn, probe_options(p)),
+                tokens_per_s / max(o.allocate_tokens, 1),
+            )
+        )
     if p.refine_tokens > 0:
         stages.append(Stage("sparse-aware", len(p.levels) * p.refine_tokens, tokens_per_s, like="statistics"))
     return stages
@@ -576,10 +588,9 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
             gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
             text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
             if o.allocate:
-                units = len(allocation.units_of(p.info, o.attn))
-                with bar.stage(
-                    "allocation", f"({units} layers x kinds, {o.allocate_tokens} tokens each)"
-                ) as update:
+                runs = allocation.probe_runs(p.info, o.attn, probe_options(p))
+                detail = f"({runs} sensitivity runs of {o.allocate_tokens} tokens)"
+                with bar.stage("allocation", detail) as update:
                     targets = allocated_targets(p, stats, written, text, update)
                     first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
                     overwrite_thresholds(written, {t.name: t.make() for t in first}, targets)

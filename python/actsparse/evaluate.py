@@ -105,6 +105,14 @@ def _same_weights(a: Path, b: Path) -> bool:
 # --- text metrics: llama-perplexity ---------------------------------------------------------
 
 
+KLD_MIN_SCORED = 100  # llama-perplexity prints no KL divergence statistics from fewer tokens
+
+
+def scored_tokens(ctx: int, chunks: int) -> int:
+    """Tokens llama-perplexity scores: the second half of each chunk, its first token excepted."""
+    return chunks * max(ctx - 1 - ctx // 2, 0)
+
+
 def _perplexity_cmd(model: Path, text_file: Path, ctx: int, chunks: int, threads: int) -> list[str]:
     return [
         str(engine.binary("llama-perplexity")),
@@ -312,6 +320,12 @@ def measure(args: EvalOptions) -> dict[str, Any]:
         raise ValueError("--limit must be positive")
     if args.chunks < 0 or args.gen_windows < 0 or args.ctx < 16:
         raise ValueError("--chunks and --gen-windows must be >= 0 and --ctx >= 16")
+    scored = scored_tokens(args.ctx, args.chunks)
+    if args.chunks and scored < KLD_MIN_SCORED:
+        raise ValueError(
+            f"--ctx {args.ctx} x --chunks {args.chunks} scores {scored} tokens; "
+            f"llama-perplexity reports KL divergence from {KLD_MIN_SCORED}"
+        )
     heldout = heldout_corpus()
     for m in models:
         if m.calibration.sha256 == heldout.sha256:
