@@ -128,7 +128,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="spread each level's saving over layers and kinds by measured sensitivity instead of "
         "giving each the level: every layer's FFN, q input and o input is run alone sparse, its KL "
         "divergence against dense measured, and each level skips the bytes uniform sparsity skips at "
-        "the least modelled cost (default off; docs/gguf-format.md)",
+        "the least modelled cost. On SmolLM2-135M it lowered the KLD at 0.5 from 0.223 to 0.201 at "
+        "equal bytes (0.3 and 0.7: -1%%, -2%%) for about 2.3x the conversion time "
+        "(default off; docs/gguf-format.md)",
     )  # fmt: skip
     p.add_argument(
         "--allocate-tokens", type=int, default=DEFAULT_ALLOCATE_TOKENS, metavar="N",
