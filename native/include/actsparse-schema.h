@@ -23,6 +23,9 @@
 // Optional, f32 array [levels][n_layer][kinds]: the sparsity each layer's kind targets at each level
 // (--allocate). Absent: every layer and kind targets the level itself.
 #define ACTSPARSE_KEY_ALLOCATION "actsparse.allocation"
+// Optional, f32 array [levels]: the KL budget (--sparsity kld:X) each level was found for, 0 where
+// none. The runtime does not read it.
+#define ACTSPARSE_KEY_LEVEL_BUDGETS "actsparse.level_budgets"
 // Not in files: a kv override at model load (bool). True keeps ffn_up of the layers with thresholds
 // out of the CPU backend's repacked buffers, since sparse decode reads its single rows; --sparse
 // LEVEL > 0 sets it, and without it ffn_up loads repacked as llama.cpp loads it.

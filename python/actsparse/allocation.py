@@ -20,7 +20,6 @@ the saving is met.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from . import schema
-from .calibration import CalibrationError, CalibrationStats
+from .calibration import CalibrationStats
 from .gguf_io import ModelInfo
+from .kld_probe import KLDProbe, ProbeText
 from .thresholds import N_BINS, bin_edges
 
 MAX_SPARSITY = 0.9  # no unit is allocated more: the cost curve is extrapolated beyond the probe
@@ -226,12 +226,6 @@ def measure_sensitivity(
     `write` (all `zeros` first: a dense model; then one unit's `unit_thresholds` at a time, then
     every unit of one kind). What the runtime costs with every threshold 0 is measured first and
     taken off each figure."""
-    from . import evaluate
-
-    window = max(16, min(options.window, options.tokens))
-    chunks = -(-options.tokens // window)
-    while evaluate.scored_tokens(window, chunks) < evaluate.KLD_MIN_SCORED:
-        chunks += 1
 
     def done(n: int) -> None:
         if on_progress is not None:
@@ -240,41 +234,27 @@ def measure_sensitivity(
     write(zeros)
     out = np.zeros(len(unit_list))
     whole: dict[str, dict[float, float]] = {}
-    fit_at = whole_kind_sparsities(options)
-    with tempfile.TemporaryDirectory(prefix="actsparse-alloc-") as tmp:
-        text_file, base = Path(tmp) / "probe.txt", Path(tmp) / "dense.kld"
-        # a generous prefix: llama-perplexity tokenizes the whole file on every run
-        text_file.write_text(text[: 32 * window * chunks], encoding="utf-8")
-
-        def kld() -> float:
-            m, _ = evaluate.sparse_text_metrics(
-                model, level_slot, text_file, base, window, chunks, options.threads
-            )
-            return float(m["kld_mean"])
-
-        try:
-            evaluate.dense_text_metrics(model, text_file, base, window, chunks, options.threads)
-            done(1)
-            floor = kld()  # every threshold 0 yet the sparse runtime on (ffn_up unrepacked, say)
-            done(2)
-            for i, u in enumerate(unit_list):
-                name, values = unit_thresholds(u, options.probe)
-                write({name: values})
-                out[i] = max(kld() - floor, 0.0)
-                write({name: zeros[name]})
-                done(i + 3)
-            runs = 2 + len(unit_list)
-            for kind in dict.fromkeys(u.kind for u in unit_list):
-                members = [i for i, u in enumerate(unit_list) if u.kind is kind]
-                for v in fit_at:
-                    probes = dict(unit_thresholds(unit_list[i], v) for i in members)
-                    write(probes)
-                    whole.setdefault(kind.name, {})[v] = max(kld() - floor, 0.0)
-                    write({name: zeros[name] for name in probes})
-                    runs += 1
-                    done(runs)
-                alone, at_probe = out[members].sum(), whole[kind.name][options.probe]
-                out[members] = out[members] * (at_probe / alone) if alone > 0 else at_probe / len(members)
-        except evaluate.ToolOutputError as e:
-            raise CalibrationError(f"sensitivity probe: {e}") from None
+    shape = ProbeText(options.tokens, options.window, options.threads)
+    with KLDProbe(model, level_slot, text, shape) as probe:
+        done(1)
+        floor = probe.kld()  # every threshold 0 yet the sparse runtime on (ffn_up unrepacked, say)
+        done(2)
+        for i, u in enumerate(unit_list):
+            name, values = unit_thresholds(u, options.probe)
+            write({name: values})
+            out[i] = max(probe.kld() - floor, 0.0)
+            write({name: zeros[name]})
+            done(i + 3)
+        runs = 2 + len(unit_list)
+        for kind in dict.fromkeys(u.kind for u in unit_list):
+            members = [i for i, u in enumerate(unit_list) if u.kind is kind]
+            for v in whole_kind_sparsities(options):
+                probes = dict(unit_thresholds(unit_list[i], v) for i in members)
+                write(probes)
+                whole.setdefault(kind.name, {})[v] = max(probe.kld() - floor, 0.0)
+                write({name: zeros[name] for name in probes})
+                runs += 1
+                done(runs)
+            alone, at_probe = out[members].sum(), whole[kind.name][options.probe]
+            out[members] = out[members] * (at_probe / alone) if alone > 0 else at_probe / len(members)
     return Sensitivity(options.probe, out, whole)

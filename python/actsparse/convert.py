@@ -13,14 +13,25 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from . import __version__, allocation, calibration, column_norms, gguf_io, schema, thresholds, transpose
+from . import (
+    __version__,
+    allocation,
+    calibration,
+    column_norms,
+    gguf_io,
+    quality_budget,
+    schema,
+    thresholds,
+    transpose,
+)
 from .gguf_io import GGUFError, ModelInfo, NewTensor
+from .kld_probe import KLDProbe, ProbeText
 from .options import from_args
 from .progress import Stage, StagedProgress
 
@@ -80,7 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sparsity", default=DEFAULT_LEVELS,
-        help=f"comma-separated target sparsity levels in (0,1) (default {DEFAULT_LEVELS})",
+        help=f"comma-separated target sparsity levels in (0,1) (default {DEFAULT_LEVELS}); kld:X asks "
+        "for the largest sparsity whose mean KL divergence against dense, measured on calibration "
+        "text, stays within X (e.g. 0.3,kld:0.05,0.5)",
     )  # fmt: skip
     p.add_argument(
         "--default-level", type=float, default=None,
@@ -339,19 +352,25 @@ def sparse_aware_thresholds(
 
 
 def overwrite_thresholds(
-    path: Path, values: dict[str, np.ndarray], targets: np.ndarray | None = None
+    path: Path,
+    values: dict[str, np.ndarray],
+    targets: np.ndarray | None = None,
+    fields: dict[str, Sequence[float] | float] | None = None,
 ) -> None:
-    """Write new values into the threshold tensors of a GGUF in place (same shapes), and new
-    targets into its schema.KEY_ALLOCATION."""
+    """Write new values into the threshold tensors of a GGUF in place (same shapes), new targets
+    into its schema.KEY_ALLOCATION and new f32 values into `fields` (same lengths)."""
     reader = GGUFReader(path, "r+")
     for t in reader.tensors:
         if t.name in values:
             t.data[...] = values[t.name].reshape(t.data.shape)
+    fields = dict(fields or {})
     if targets is not None:
-        f = reader.get_field(schema.KEY_ALLOCATION)
-        flat = np.asarray(targets, dtype=np.float32).reshape(-1)
+        fields[schema.KEY_ALLOCATION] = np.asarray(targets).reshape(-1).tolist()
+    for key, value in fields.items():
+        f = reader.get_field(key)
+        flat = np.atleast_1d(np.asarray(value, dtype=np.float32))
         if f is None or len(f.data) != flat.size:
-            raise RuntimeError(f"{path}: no room for the allocation")
+            raise RuntimeError(f"{path}: no room for {key}")
         for i, v in zip(f.data, flat, strict=True):
             f.parts[i][0] = v
     reader.data.flush()
@@ -364,9 +383,9 @@ def allocated_targets(
     written: Path,
     text: str,
     on_progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
+) -> Callable[[Sequence[float]], np.ndarray]:
     """Stage --allocate: each unit's sensitivity measured on `written` (its thresholds at the
-    first level rewritten per probe), then each level's allocation (allocation.py)."""
+    first level rewritten per probe); returns the levels -> allocation function (allocation.py)."""
     o = p.options
     unit_list = allocation.units(p.info, stats, o.method, o.attn)
     zeros = {t.name: np.zeros_like(t.make()) for t in threshold_tensors(
@@ -383,14 +402,56 @@ def allocated_targets(
         written, p.levels[0], unit_list, probe_thresholds, lambda v: overwrite_thresholds(written, v), zeros,
         text, probe, on_progress,
     )  # fmt: skip
-    return allocation.allocation(unit_list, sens, p.levels, p.info.n_layer)
+    return lambda levels: allocation.allocation(unit_list, sens, levels, p.info.n_layer)
+
+
+def budget_levels(
+    p: Plan,
+    stats: calibration.CalibrationStats,
+    written: Path,
+    text: str,
+    targets_for: Callable[[Sequence[float]], np.ndarray],
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[Plan, list[quality_budget.Found]]:
+    """Stage kld:X: each budget's level bisected on `written` (its first level's thresholds
+    rewritten per run), then the levels, default level and budgets rewritten in the file."""
+    o = p.options
+    current = {
+        t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for(p.levels), o.method, o.attn)
+    }
+    runs = 0
+
+    def step() -> None:
+        nonlocal runs
+        runs += 1
+        if on_progress is not None:
+            on_progress(runs)
+
+    def kld_at(s: float) -> float:
+        row = {t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for([s]), o.method, o.attn)}
+        overwrite_thresholds(written, {n: np.vstack([row[n], v[1:]]) for n, v in current.items()})
+        return probe.kld()
+
+    shape = ProbeText(o.allocate_tokens, min(o.window, o.allocate_tokens), o.threads)
+    found = []
+    with KLDProbe(written, p.levels[0], text, shape) as probe:
+        step()
+        for budget in p.budgets:
+            try:
+                found.append(quality_budget.search_level(budget, kld_at, step))
+            except ValueError as e:
+                raise calibration.CalibrationError(str(e)) from None
+    levels, per_level = quality_budget.final_levels(p.numeric_levels, found)
+    default = choose_default_level(levels, o.default_level)
+    return replace(p, levels=levels, default_level=default, level_budgets=per_level), found
 
 
 def probe_options(p: Plan) -> allocation.ProbeOptions:
     """--allocate's probes: the whole kinds also at the lowest and highest level."""
     o = p.options
     return allocation.ProbeOptions(
-        fit=(p.levels[0], p.levels[-1]), tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens),
+        fit=(min(levels), max(levels)) if (levels := p.numeric_levels) else (0.3, 0.7),
+        tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens),
         threads=o.threads,
     )  # fmt: skip
 
@@ -421,17 +482,23 @@ class Plan:
     options: ConvertOptions
     info: ModelInfo
     out: Path
-    levels: list[float]
+    levels: list[float]  # provisional in the budgets' rows until they are found
     default_level: float
     refine_tokens: int
+    numeric_levels: list[float] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=list)  # kld:X
+    level_budgets: list[float] = field(default_factory=list)  # per level: its budget, 0 where none
 
 
 def plan(options: ConvertOptions) -> Plan:
     try:
-        levels = thresholds.parse_levels(options.sparsity)
+        numeric, budgets = quality_budget.parse_sparsity(options.sparsity)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    default_level = choose_default_level(levels, options.default_level)
+    levels = quality_budget.provisional_levels(numeric, len(budgets))
+    if options.default_level is not None and not numeric:
+        raise UsageError("--default-level must be one of the numeric --sparsity levels")
+    default_level = choose_default_level(numeric or levels, options.default_level)
     if options.calib_tokens < 1 or options.window < 2 or options.threads < 1:
         raise UsageError("--calib-tokens, --window and --threads must be positive")
     if options.method not in ("chess", "cats"):
@@ -450,9 +517,11 @@ def plan(options: ConvertOptions) -> Plan:
         refine_tokens = min(options.calib_tokens, DEFAULT_REFINE_TOKENS)
     if refine_tokens < 0:
         raise UsageError("--refine-tokens must be 0 or more")
-    if options.allocate and options.allocate_tokens < 2:
+    if (options.allocate or budgets) and options.allocate_tokens < 2:
         raise UsageError("--allocate-tokens must be 2 or more")
-    return Plan(options, info, out, levels, default_level, refine_tokens)
+    return Plan(
+        options, info, out, levels, default_level, refine_tokens, numeric, budgets, [0.0] * len(levels)
+    )
 
 
 def statistics_stage(
@@ -489,6 +558,8 @@ def metadata(
     if o.allocate:  # uniform until the allocation stage writes its values in place
         flat = allocation.uniform(p.levels, p.info.n_layer).reshape(-1).tolist()
         allocated[schema.KEY_ALLOCATION] = (flat, GGUFValueType.ARRAY)
+    if p.budgets:  # zeros until the budgets' levels are found
+        allocated[schema.KEY_LEVEL_BUDGETS] = ([0.0] * len(p.levels), GGUFValueType.ARRAY)
     return allocated | {
         schema.KEY_FORMAT_VERSION: (schema.FORMAT_VERSION, GGUFValueType.UINT32),
         schema.KEY_METHOD: (o.method, GGUFValueType.STRING),
@@ -529,6 +600,9 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
                 tokens_per_s / max(o.allocate_tokens, 1),
             )
         )
+    if p.budgets:
+        runs = 1 + len(p.budgets) * quality_budget.runs_per_budget()
+        stages.append(Stage("quality budgets", runs, tokens_per_s / max(o.allocate_tokens, 1)))
     if p.refine_tokens > 0:
         stages.append(Stage("sparse-aware", len(p.levels) * p.refine_tokens, tokens_per_s, like="statistics"))
     return stages
@@ -589,13 +663,32 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                 )  # fmt: skip
             gguf_io.release_pages(reader)  # the input's pages, read once, need not stay beside the pass
             text = calib.text if o.load_stats is None else load_calibration_text(o.calib_file).text
+            n_layer = p.info.n_layer
+
+            def targets_for(levels: Sequence[float]) -> np.ndarray:
+                return allocation.uniform(levels, n_layer)
+
             if o.allocate:
                 runs = allocation.probe_runs(p.info, o.attn, probe_options(p))
                 detail = f"({runs} sensitivity runs of {o.allocate_tokens} tokens)"
                 with bar.stage("allocation", detail) as update:
-                    targets = allocated_targets(p, stats, written, text, update)
+                    targets_for = allocated_targets(p, stats, written, text, update)
+                    targets = targets_for(p.levels)
                     first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
                     overwrite_thresholds(written, {t.name: t.make() for t in first}, targets)
+            found: list[quality_budget.Found] = []
+            if p.budgets:
+                per = quality_budget.runs_per_budget()
+                detail = f"({len(p.budgets)} x up to {per} runs of {o.allocate_tokens} tokens)"
+                with bar.stage("quality budgets", detail) as update:
+                    p, found = budget_levels(p, stats, written, text, targets_for, update)
+                    targets = targets_for(p.levels)
+                    first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
+                    overwrite_thresholds(
+                        written, {t.name: t.make() for t in first}, targets if o.allocate else None,
+                        {schema.KEY_LEVELS: p.levels, schema.KEY_DEFAULT_LEVEL: p.default_level,
+                         schema.KEY_LEVEL_BUDGETS: p.level_budgets},
+                    )  # fmt: skip
             if p.refine_tokens > 0:
                 dense_run = "" if reuses_dense_windows(p) else "dense + "
                 detail = f"({dense_run}{len(p.levels)} levels x {p.refine_tokens} tokens)"
@@ -607,6 +700,9 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     overwrite_thresholds(written, refined)
     summary = bar.close()
     if not o.quiet:
+        for f in found:
+            budget = f"{quality_budget.PREFIX}{f.budget:g}"
+            print(f"{budget}: level {f.level:g} (KLD {f.kld:.4f} on calibration text)", file=sys.stderr)
         print(f"converted in {summary}", file=sys.stderr)
     return p.out
 

@@ -46,6 +46,7 @@ class SparseFile:
     weighted_scores: bool = False
     # [levels, n_layer, kinds] target sparsity of each layer's kind (--allocate); None: the level
     allocation: np.ndarray | None = None
+    level_budgets: list[float] | None = None  # per level, the kld:X it was found for (0: none)
 
     @property
     def allocated(self) -> bool:
@@ -124,6 +125,7 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
         transposed_type=str(field_value(reader, schema.KEY_TRANSPOSED_TYPE, "")),
         weighted_scores=bool(field_value(reader, schema.KEY_WEIGHTED_SCORES, False)),
         allocation=allocation,
+        level_budgets=_level_budgets(reader, path, len(levels)),
         calibration=Calibration(
             source=str(field_value(reader, schema.KEY_CALIB_SOURCE, "")),
             sha256=str(field_value(reader, schema.KEY_CALIB_SHA256, "")),
@@ -132,3 +134,12 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
             sparse_aware_tokens=int(field_value(reader, schema.KEY_CALIB_SPARSE_AWARE_TOKENS, 0)),
         ),
     )
+
+
+def _level_budgets(reader: gguf_io.GGUFReader, path: Path, n_levels: int) -> list[float] | None:
+    values = field_value(reader, schema.KEY_LEVEL_BUDGETS)
+    if values is None:
+        return None
+    if len(values) != n_levels:
+        raise GGUFError(f"{path}: {schema.KEY_LEVEL_BUDGETS} has {len(values)} values for {n_levels} levels")
+    return [round(float(v), 6) for v in values]

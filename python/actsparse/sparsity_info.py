@@ -39,6 +39,7 @@ class SparsityInfo:
     format_version: int
     weighted_scores: bool = False
     allocated: bool = False
+    level_budgets: list[float] | None = None
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
@@ -74,6 +75,7 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
         format_version=f.format_version,
         weighted_scores=f.weighted_scores,
         allocated=f.allocated,
+        level_budgets=f.level_budgets,
     )
 
 
@@ -97,7 +99,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"arch:        {info.arch}, {info.n_layer} layers")
     scores = ", weighted scores" if info.weighted_scores else ""
     print(f"method:      {info.method}{scores} (format {info.format_version})")
-    print(f"levels:      {', '.join(f'{v:g}' for v in info.levels)} (default {info.default_level:g})")
+    budgets = info.level_budgets or [0.0] * len(info.levels)
+    named = [f"{v:g}" + (f" (kld:{b:g})" if b > 0 else "") for v, b in zip(info.levels, budgets, strict=True)]
+    print(f"levels:      {', '.join(named)} (default {info.default_level:g})")
     print(f"transposed:  {info.transposed_type}")
     c = info.calibration
     print(
