@@ -147,8 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--allocate-tokens", type=int, default=DEFAULT_ALLOCATE_TOKENS, metavar="N",
-        help="calibration tokens of each sensitivity probe of --allocate, one probe per layer and "
-        f"kind (default {DEFAULT_ALLOCATE_TOKENS})",
+        help="calibration tokens of each llama-perplexity run of --allocate (one per layer and kind, "
+        "and each kind whole at 3 sparsities) and of a kld:X level's search "
+        f"(default {DEFAULT_ALLOCATE_TOKENS})",
     )  # fmt: skip
     p.add_argument(
         "--save-stats", type=Path, metavar="PATH",
