@@ -143,10 +143,6 @@ def _at(curves: np.ndarray, s: float) -> np.ndarray:
     return np.array([np.interp(s, GRID, row) for row in curves])
 
 
-def dropped_energy_at(unit_list: Sequence[Unit], s: float) -> np.ndarray:
-    return np.array([dropped_energy(u.score_hist, [s])[0] for u in unit_list])
-
-
 def allocate(saved_bytes: np.ndarray, cost: np.ndarray, level: float) -> np.ndarray:
     """Per unit, the grid sparsity minimising the summed cost while skipping at least the bytes
     uniform `level` skips."""
