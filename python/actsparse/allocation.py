@@ -198,9 +198,7 @@ class ProbeOptions:
 
     probe: float = DEFAULT_PROBE
     fit: tuple[float, ...] = (0.3, 0.7)  # the whole kinds are also measured here, to fit the curve
-    tokens: int = DEFAULT_PROBE_TOKENS
-    window: int = 512
-    threads: int = 2
+    text: ProbeText = ProbeText(DEFAULT_PROBE_TOKENS)
 
 
 def measure_sensitivity(
@@ -230,8 +228,7 @@ def measure_sensitivity(
     write(zeros)
     out = np.zeros(len(unit_list))
     whole: dict[str, dict[float, float]] = {}
-    shape = ProbeText(options.tokens, options.window, options.threads)
-    with KLDProbe(model, level_slot, text, shape) as probe:
+    with KLDProbe(model, level_slot, text, options.text) as probe:
         done(1)
         floor = probe.kld()  # every threshold 0 yet the sparse runtime on (ffn_up unrepacked, say)
         done(2)

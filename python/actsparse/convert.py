@@ -433,9 +433,8 @@ def budget_levels(
         overwrite_thresholds(written, {n: np.vstack([row[n], v[1:]]) for n, v in current.items()})
         return probe.kld()
 
-    shape = ProbeText(o.allocate_tokens, min(o.window, o.allocate_tokens), o.threads)
     found = []
-    with KLDProbe(written, p.levels[0], text, shape) as probe:
+    with KLDProbe(written, p.levels[0], text, probe_text(o)) as probe:
         step()
         for budget in p.budgets:
             try:
@@ -450,11 +449,13 @@ def budget_levels(
 def probe_options(p: Plan) -> allocation.ProbeOptions:
     """--allocate's probes: the whole kinds also at the lowest and highest level."""
     o = p.options
-    return allocation.ProbeOptions(
-        fit=(min(levels), max(levels)) if (levels := p.numeric_levels) else (0.3, 0.7),
-        tokens=o.allocate_tokens, window=min(o.window, o.allocate_tokens),
-        threads=o.threads,
-    )  # fmt: skip
+    fit = (min(levels), max(levels)) if (levels := p.numeric_levels) else (0.3, 0.7)
+    return allocation.ProbeOptions(fit=fit, text=probe_text(o))
+
+
+def probe_text(o: ConvertOptions) -> ProbeText:
+    """The calibration text of each --allocate and kld:X run."""
+    return ProbeText(o.allocate_tokens, min(o.window, o.allocate_tokens), o.threads)
 
 
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
