@@ -18,39 +18,31 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from actsparse import engine, gguf_io, transpose  # noqa: E402
+from actsparse import copy_choice, engine, gguf_io, schema, transpose  # noqa: E402
 from actsparse.data import heldout_corpus  # noqa: E402
 from actsparse.gguf_io import NewTensor  # noqa: E402
 
-KINDS = ("ffn_down", "attn_q", "attn_output")
 F32 = transpose.Q.F32
 
 
 def variant(model: Path, out: Path, policy: str | None) -> None:
-    reader = gguf_io.open_gguf(model)
-    info = gguf_io.describe_model(reader, model)
-    replaced = {f"blk.{il}.{k}.weight" for il in range(info.n_layer) for k in KINDS}
-
-    def effective(t) -> np.ndarray:  # noqa: ANN001
-        w = transpose.dequantized(t)
-        if policy is None:
-            return w
-        qtype = transpose.transposed_type(t.tensor_type, int(t.shape[1]), policy)
-        copy = transpose.transposed_copy(t, qtype)
-        fake = t._replace(tensor_type=qtype, shape=np.array([t.shape[1], t.shape[0]]), data=copy)
-        return np.ascontiguousarray(transpose.dequantized(fake).T)
-
+    """The dense model with ffn_down, attn_q and attn_output as F32: exact (policy None) or the
+    values of that policy's transposed copies."""
+    info = gguf_io.describe_model(gguf_io.open_gguf(model), model)
+    if policy is not None:
+        copy_choice.write_effective_model(info, out, policy, schema.KINDS, dtype="f32")
+        return
+    replaced = set(copy_choice.copied_weights(info, schema.KINDS))
     new = [
-        NewTensor(t.name, (int(t.shape[0]), int(t.shape[1])), F32, lambda t=t: effective(t))
-        for t in reader.tensors
+        NewTensor(t.name, (int(t.shape[0]), int(t.shape[1])), F32, lambda t=t: transpose.dequantized(t))
+        for t in info.reader.tensors
         if t.name in replaced
     ]
-    gguf_io.write_model(reader, info.arch, out, {}, new, drop=lambda name: name in replaced)
+    gguf_io.write_model(info.reader, info.arch, out, {}, new, drop=lambda name: name in replaced)
 
 
 def kld(binary: Path, base_logits: Path, model: Path, text: Path, ctx: int, chunks: int) -> dict[str, float]:

@@ -52,8 +52,9 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
         check=True,
     )
     run_converter(
-        small_model_path, "-o", out / "chess.gguf", "--no-attn", "--load-stats", stats, "-q", check=True
-    )
+        small_model_path, "-o", out / "chess.gguf", "--no-attn", "--load-stats", stats,
+        "--transposed-type", "q8_0", "-q", check=True,
+    )  # fmt: skip
     run_converter(
         small_model_path,
         "-o",
@@ -63,6 +64,8 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
         "--no-attn",
         "--load-stats",
         stats,
+        "--transposed-type",
+        "q8_0",
         "-q",
         check=True,
     )

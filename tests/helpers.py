@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "python" / "convert_with_thresholds.py"
 
 
+# The largest relative difference allowed by copy type, over all products of the run: Q8_0 copies
+# accumulate in float; packed copies may round the accumulate's inputs to 8 bits, one scale per 16
+# active rows (actsparse_axpy_rounds_inputs; the kernel tests bound that against ggml's own Q8_0
+# input rounding). On SmolLM2's real activations that reaches 2.2% at worst; a wrong row or scale
+# costs 100%.
+DECODE_CHECK_TOLERANCE = {"q8_0": 1e-4, "same": 5e-2}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -34,7 +34,7 @@ def test_architecture_converts_and_runs_sparse(small_model_path: Path, tmp_path:
     text = tmp_path / "calib.txt"
     text.write_text(calibration_corpus().text[:8000])  # about 7 windows of 256 tokens, all used
     run_converter(src, "-o", out, "--calib-file", text, "--calib-tokens", 4096, "--window", 256,
-                  "--sparsity", f"0.3,{LEVEL}", "-q", check=True)  # fmt: skip
+                  "--sparsity", f"0.3,{LEVEL}", "--transposed-type", "q8_0", "-q", check=True)  # fmt: skip
 
     info = json.loads(run_cli("inspect", out, "--json").stdout)
     assert info["arch"] == arch and info["n_layer"] == 30

@@ -18,8 +18,9 @@ from helpers import run_cli, run_converter
 def sparse_model(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "smol.sparse.gguf"
     run_converter(
-        small_model_path, "-o", out, "--calib-tokens", 1024, "--sparsity", "0.5,0.7", "-q", check=True
-    )
+        small_model_path, "-o", out, "--calib-tokens", 1024, "--sparsity", "0.5,0.7",
+        "--transposed-type", "q8_0", "-q", check=True,
+    )  # fmt: skip
     return out
 
 

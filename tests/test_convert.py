@@ -150,7 +150,7 @@ def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> N
 def test_cats_has_one_threshold_per_layer(small_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "cats.gguf"
     run_converter(small_model_path, "-o", out, "--method", "cats", "--no-attn", "--calib-tokens", 1024,
-                  "--sparsity", "0.5", "-q", check=True)  # fmt: skip
+                  "--sparsity", "0.5", "--transposed-type", "q8_0", "-q", check=True)  # fmt: skip
     t = {x.name: x for x in GGUFReader(out).tensors}
     assert list(t["blk.0.ffn_act_thresh"].shape) == [1, 1]
     assert "blk.0.attn_q_in_thresh" not in t and "blk.0.attn_q_t.weight" not in t
@@ -162,8 +162,8 @@ def test_weighted_scores_give_per_input_attention_thresholds(small_model_path: P
     attention thresholds are per input, one tau over each weight column's norm."""
     out, stats_file = tmp_path / "w.gguf", tmp_path / "w.stats.gguf"
     run_converter(small_model_path, "-o", out, "--weighted-scores", "--calib-tokens", 1024,
-                  "--refine-tokens", 1024, "--sparsity", "0.5", "--save-stats", stats_file, "-q",
-                  check=True)  # fmt: skip
+                  "--refine-tokens", 1024, "--sparsity", "0.5", "--save-stats", stats_file,
+                  "--transposed-type", "q8_0", "-q", check=True)  # fmt: skip
     reader = GGUFReader(out)
     assert field_value(reader, "actsparse.weighted_scores") is True
     t = {x.name: x for x in reader.tensors}
@@ -265,7 +265,7 @@ def test_saved_statistics_reproduce_the_thresholds(
     stats_file = small_sparse_dir / "stats.gguf"
     out = tmp_path / "chess.gguf"
     run_converter(small_model_path, "-o", out, "--no-attn", "--load-stats", stats_file, "--refine-tokens", 0,
-                  "-q", check=True)  # fmt: skip
+                  "--transposed-type", "q8_0", "-q", check=True)  # fmt: skip
     stats = calibration.read_stats(stats_file)
     r = GGUFReader(out)
     written = {x.name: np.asarray(x.data) for x in r.tensors if "thresh" in x.name}

@@ -48,7 +48,8 @@ def test_budget_level_is_found_written_and_selectable(
     out = tmp_path / "budget.gguf"
     proc = run_converter(
         small_model_path, "-o", out, "--load-stats", small_sparse_dir / "stats.gguf", "--no-attn",
-        "--sparsity", "0.3,kld:0.08", "--allocate-tokens", 256, "--refine-tokens", 0, check=True,
+        "--sparsity", "0.3,kld:0.08", "--allocate-tokens", 256, "--refine-tokens", 0,
+        "--transposed-type", "q8_0", check=True,
     )  # fmt: skip
     f = read_sparse_file(out)
     assert f.level_budgets is not None and sorted(f.level_budgets) == [0.0, 0.08]

@@ -26,6 +26,9 @@
 // Optional, f32 array [levels]: the KL budget (--sparsity kld:X) each level was found for, 0 where
 // none. The runtime does not read it.
 #define ACTSPARSE_KEY_LEVEL_BUDGETS "actsparse.level_budgets"
+// Optional, f32 array [2]: the measured KL cost of q8_0 and of same-type copies (--transposed-type
+// auto chose the file's copy type by them). The runtime does not read it.
+#define ACTSPARSE_KEY_TRANSPOSED_TYPE_KLD "actsparse.transposed_type_kld"
 // Not in files: a kv override at model load (bool). True keeps ffn_up of the layers with thresholds
 // out of the CPU backend's repacked buffers, since sparse decode reads its single rows; --sparse
 // LEVEL > 0 sets it, and without it ffn_up loads repacked as llama.cpp loads it.

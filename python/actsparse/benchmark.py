@@ -148,21 +148,11 @@ def decode_reads(
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
     target = layer_targets(path, level)
     reads = []
-    for name, t in tensors.items():
+    for name in schema.decode_matrices(tensors):
+        t = tensors[name]
         m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", name)
         kind = m.group(2) if m else name
-        shape = t.shape
-        if (
-            not name.endswith(".weight")
-            or schema.is_sparsity_tensor(name)
-            or "norm" in kind
-            or shape.size < 2
-            or int(shape[1]) == 1
-        ):
-            continue
-        if name == "token_embd.weight" and "output.weight" in tensors:
-            continue  # only gathered
-        rows = int(np.prod(shape[1:]))
+        rows = int(np.prod(t.shape[1:]))
         whole = WeightRead(name, t.n_bytes // rows, rows)
         sparse_kind = next(
             (k for k in schema.KINDS if kind in (k.weight_kind, "ffn_up" if k is schema.FFN else "")), None

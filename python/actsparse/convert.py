@@ -24,6 +24,7 @@ from . import (
     allocation,
     calibration,
     column_norms,
+    copy_choice,
     gguf_io,
     quality_budget,
     schema,
@@ -40,7 +41,8 @@ DEFAULT_LEVEL = 0.5
 DEFAULT_TOKENS = 65536
 DEFAULT_REFINE_TOKENS = 8192
 DEFAULT_WINDOW = 512
-DEFAULT_TRANSPOSED_TYPE = "q8_0"
+DEFAULT_TRANSPOSED_TYPE = copy_choice.AUTO
+TRANSPOSED_TYPE_CHOICES = (copy_choice.AUTO, *transpose.TRANSPOSED_TYPE_CHOICES)
 DEFAULT_ALLOCATE_TOKENS = allocation.DEFAULT_PROBE_TOKENS
 
 
@@ -125,8 +127,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})"
     )
     p.add_argument(
-        "--transposed-type", choices=transpose.TRANSPOSED_TYPE_CHOICES, default=DEFAULT_TRANSPOSED_TYPE,
-        help="type of the transposed copies of a quantized model (default %(default)s; docs/gguf-format.md)",
+        "--transposed-type", choices=TRANSPOSED_TYPE_CHOICES, default=DEFAULT_TRANSPOSED_TYPE,
+        help="type of the transposed copies decode reads ffn_down, attn_q and attn_output through. auto "
+        "(default) measures on calibration text what same-type copies cost in KL divergence against "
+        "q8_0 copies and keeps same only where, at every level, it reads fewer bytes at equal quality "
+        "(5 runs of --allocate-tokens; docs/gguf-format.md)",
     )  # fmt: skip
     p.add_argument(
         "--weighted-scores", action=argparse.BooleanOptionalAction, default=False,
@@ -412,26 +417,18 @@ def budget_levels(
     written: Path,
     text: str,
     targets_for: Callable[[Sequence[float]], np.ndarray],
+    copy_cost: float = 0.0,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[Plan, list[quality_budget.Found]]:
     """Stage kld:X: each budget's level bisected on `written` (its first level's thresholds
-    rewritten per run), then the levels, default level and budgets rewritten in the file."""
+    rewritten per run; `copy_cost`, what decode's copies add, counted in), then the levels, default
+    level and budgets rewritten in the file."""
     o = p.options
-    current = {
-        t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for(p.levels), o.method, o.attn)
-    }
-    runs = 0
-
-    def step() -> None:
-        nonlocal runs
-        runs += 1
-        if on_progress is not None:
-            on_progress(runs)
+    at_level = level_kld(p, stats, written, targets_for)
+    step = run_counter(on_progress)
 
     def kld_at(s: float) -> float:
-        row = {t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for([s]), o.method, o.attn)}
-        overwrite_thresholds(written, {n: np.vstack([row[n], v[1:]]) for n, v in current.items()})
-        return probe.kld()
+        return at_level(probe, s) + copy_cost
 
     found = []
     with KLDProbe(written, p.levels[0], text, probe_text(o)) as probe:
@@ -444,6 +441,101 @@ def budget_levels(
     levels, per_level = quality_budget.final_levels(p.numeric_levels, found)
     default = choose_default_level(levels, o.default_level)
     return replace(p, levels=levels, default_level=default, level_budgets=per_level), found
+
+
+def run_counter(on_progress: Callable[[int], None] | None) -> Callable[[], None]:
+    """A callback that counts the runs done into on_progress."""
+    runs = 0
+
+    def step() -> None:
+        nonlocal runs
+        runs += 1
+        if on_progress is not None:
+            on_progress(runs)
+
+    return step
+
+
+def level_kld(
+    p: Plan,
+    stats: calibration.CalibrationStats,
+    written: Path,
+    targets_for: Callable[[Sequence[float]], np.ndarray],
+) -> Callable[[KLDProbe, float], float]:
+    """(probe, s) -> the mean KLD of `written` at any sparsity s: its first level's thresholds
+    rewritten to s's (the other levels' kept), measured at that slot."""
+    o = p.options
+    current = {
+        t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for(p.levels), o.method, o.attn)
+    }
+
+    def at(probe: KLDProbe, s: float) -> float:
+        row = {t.name: t.make() for t in threshold_tensors(p.info, stats, targets_for([s]), o.method, o.attn)}
+        overwrite_thresholds(written, {n: np.vstack([row[n], v[1:]]) for n, v in current.items()})
+        return probe.kld()
+
+    return at
+
+
+COPY_CHOICE_RUNS = 5  # dense, the sparsity at two levels, each candidate's copies
+
+
+def choose_copies(
+    p: Plan,
+    stats: calibration.CalibrationStats,
+    written: Path,
+    text: str,
+    targets_for: Callable[[Sequence[float]], np.ndarray],
+    tmp: Path,
+    on_progress: Callable[[int], None] | None = None,
+) -> copy_choice.CopyChoice:
+    """Stage --transposed-type auto: each candidate's copy cost and the sparsity's own cost at two
+    levels measured on `written` (its thresholds restored after), then copy_choice.choose."""
+    o = p.options
+    at_level = level_kld(p, stats, written, targets_for)
+    verdict_levels = p.numeric_levels or list(copy_choice.FALLBACK_LEVELS)
+    step = run_counter(on_progress)
+
+    with KLDProbe(written, p.levels[0], text, probe_text(o)) as probe:
+        step()
+        sparsity = {}
+        for s in copy_choice.probe_levels(verdict_levels):
+            sparsity[s] = at_level(probe, s)
+            step()
+        copies = {}
+        for policy in copy_choice.CANDIDATES:
+            effective = tmp / f"copies-{policy}.gguf"
+            copy_choice.write_effective_model(p.info, effective, policy, p.kinds)
+            copies[policy] = probe.dense_kld(effective)
+            effective.unlink()
+            step()
+    current = threshold_tensors(p.info, stats, targets_for(p.levels), o.method, o.attn)
+    overwrite_thresholds(written, {t.name: t.make() for t in current})
+
+    def weight_bytes(policy: str, s: float) -> float:
+        return copy_choice.decode_weight_bytes(p.info, p.kinds, policy, s)
+
+    return copy_choice.choose(copies, sparsity, verdict_levels, weight_bytes)
+
+
+def rewrite_copies(info: ModelInfo, attn: bool, written: Path, choice: copy_choice.CopyChoice) -> None:
+    """Record the measured copy costs in `written` and, where its copies are of another type than
+    the chosen one, rewrite them in that type (all else kept)."""
+    costs = [choice.copy_kld[c] for c in copy_choice.CANDIDATES]
+    current = gguf_io.open_gguf(written)
+    if gguf_io.field_value(current, schema.KEY_TRANSPOSED_TYPE) == choice.policy:
+        del current
+        overwrite_thresholds(written, {}, fields={schema.KEY_TRANSPOSED_TYPE_KLD: costs})
+        return
+    kv = {
+        schema.KEY_TRANSPOSED_TYPE: (choice.policy, GGUFValueType.STRING),
+        schema.KEY_TRANSPOSED_TYPE_KLD: (costs, GGUFValueType.ARRAY),
+    }
+    copies = transposed_tensors(info, attn, choice.policy)
+    copy_names = {t.name for t in copies}
+    with gguf_io.atomic_output(written) as again:
+        gguf_io.write_gguf(current, info.arch, again, kv, copies, drop=lambda name: name in copy_names)
+    del current
 
 
 def probe_options(p: Plan) -> allocation.ProbeOptions:
@@ -490,6 +582,17 @@ class Plan:
     numeric_levels: list[float] = field(default_factory=list)
     budgets: list[float] = field(default_factory=list)  # kld:X
     level_budgets: list[float] = field(default_factory=list)  # per level: its budget, 0 where none
+    choose_copies: bool = False  # --transposed-type auto with candidates that differ for this model
+
+    @property
+    def kinds(self) -> tuple[schema.Kind, ...]:
+        return schema.KINDS if self.options.attn else (schema.FFN,)
+
+    @property
+    def first_copies(self) -> str:
+        """The copy type written first (auto: q8_0 until the choice is made)."""
+        policy = self.options.transposed_type
+        return copy_choice.CANDIDATES[0] if policy == copy_choice.AUTO else policy
 
 
 def plan(options: ConvertOptions) -> Plan:
@@ -505,7 +608,7 @@ def plan(options: ConvertOptions) -> Plan:
         raise UsageError("--calib-tokens, --window and --threads must be positive")
     if options.method not in ("chess", "cats"):
         raise UsageError(f"unknown method {options.method!r}; choose chess or cats")
-    if options.transposed_type not in transpose.TRANSPOSED_TYPE_CHOICES:
+    if options.transposed_type not in TRANSPOSED_TYPE_CHOICES:
         raise UsageError(f"unknown transposed type {options.transposed_type!r}")
     info = gguf_io.describe_model(gguf_io.open_gguf(options.model), options.model)
     if info.has_sparsity and not options.force:
@@ -519,11 +622,14 @@ def plan(options: ConvertOptions) -> Plan:
         refine_tokens = min(options.calib_tokens, DEFAULT_REFINE_TOKENS)
     if refine_tokens < 0:
         raise UsageError("--refine-tokens must be 0 or more")
-    if (options.allocate or budgets) and options.allocate_tokens < 2:
+    if options.allocate_tokens < 2:
         raise UsageError("--allocate-tokens must be 2 or more")
+    kinds = schema.KINDS if options.attn else (schema.FFN,)
+    choose = options.transposed_type == copy_choice.AUTO and copy_choice.policies_differ(info, kinds)
     return Plan(
-        options, info, out, levels, default_level, refine_tokens, numeric, budgets, [0.0] * len(levels)
-    )
+        options, info, out, levels, default_level, refine_tokens, numeric, budgets, [0.0] * len(levels),
+        choose,
+    )  # fmt: skip
 
 
 def statistics_stage(
@@ -562,6 +668,8 @@ def metadata(
         allocated[schema.KEY_ALLOCATION] = (flat, GGUFValueType.ARRAY)
     if p.budgets:  # zeros until the budgets' levels are found
         allocated[schema.KEY_LEVEL_BUDGETS] = ([0.0] * len(p.levels), GGUFValueType.ARRAY)
+    if p.choose_copies:  # measured by the copy-type stage
+        allocated[schema.KEY_TRANSPOSED_TYPE_KLD] = ([0.0] * len(copy_choice.CANDIDATES), GGUFValueType.ARRAY)
     return allocated | {
         schema.KEY_FORMAT_VERSION: (schema.FORMAT_VERSION, GGUFValueType.UINT32),
         schema.KEY_METHOD: (o.method, GGUFValueType.STRING),
@@ -570,7 +678,7 @@ def metadata(
         schema.KEY_ATTN: (o.attn, GGUFValueType.BOOL),
         schema.KEY_ACTIVATION: (p.info.activation, GGUFValueType.STRING),
         schema.KEY_UP_STATISTIC: ("mean_abs", GGUFValueType.STRING),
-        schema.KEY_TRANSPOSED_TYPE: (o.transposed_type, GGUFValueType.STRING),
+        schema.KEY_TRANSPOSED_TYPE: (p.first_copies, GGUFValueType.STRING),
         schema.KEY_WEIGHTED_SCORES: (o.weighted_scores, GGUFValueType.BOOL),
         schema.KEY_CALIB_SOURCE: (calib.name, GGUFValueType.STRING),
         schema.KEY_CALIB_SHA256: (calib.sha256, GGUFValueType.STRING),
@@ -602,6 +710,8 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
                 tokens_per_s / max(o.allocate_tokens, 1),
             )
         )
+    if p.choose_copies:
+        stages.append(Stage("copy type", COPY_CHOICE_RUNS, tokens_per_s / max(o.allocate_tokens, 1)))
     if p.budgets:
         runs = 1 + len(p.budgets) * quality_budget.runs_per_budget()
         stages.append(Stage("quality budgets", runs, tokens_per_s / max(o.allocate_tokens, 1)))
@@ -615,7 +725,7 @@ def convert(options: ConvertOptions) -> Path:
     then the rename: the output appears complete or not at all."""
     p = plan(options)
     o = p.options
-    copies = transposed_tensors(p.info, o.attn, o.transposed_type)
+    copies = transposed_tensors(p.info, o.attn, p.first_copies)
     bar = StagedProgress(progress_stages(p, sum(t.nbytes for t in copies)), enabled=not o.quiet)
     try:
         return _convert(p, copies, bar)
@@ -678,12 +788,19 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     targets = targets_for(p.levels)
                     first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
                     overwrite_thresholds(written, {t.name: t.make() for t in first}, targets)
+            choice = None
+            if p.choose_copies:
+                detail = f"({COPY_CHOICE_RUNS} runs of {o.allocate_tokens} tokens)"
+                with bar.stage("copy type", detail) as update:
+                    choice = choose_copies(p, stats, written, text, targets_for, Path(tmp), update)
+                    rewrite_copies(p.info, o.attn, written, choice)
             found: list[quality_budget.Found] = []
             if p.budgets:
                 per = quality_budget.runs_per_budget()
                 detail = f"({len(p.budgets)} x up to {per} runs of {o.allocate_tokens} tokens)"
                 with bar.stage("quality budgets", detail) as update:
-                    p, found = budget_levels(p, stats, written, text, targets_for, update)
+                    copy_cost = 0.0 if choice is None else choice.decode_copy_cost
+                    p, found = budget_levels(p, stats, written, text, targets_for, copy_cost, update)
                     targets = targets_for(p.levels)
                     first = threshold_tensors(p.info, stats, targets, o.method, o.attn)
                     overwrite_thresholds(
@@ -702,6 +819,8 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     overwrite_thresholds(written, refined)
     summary = bar.close()
     if not o.quiet:
+        if choice is not None:
+            print(choice.summary(), file=sys.stderr)
         for f in found:
             budget = f"{quality_budget.PREFIX}{f.budget:g}"
             print(f"{budget}: level {f.level:g} (KLD {f.kld:.4f} on calibration text)", file=sys.stderr)

@@ -147,6 +147,14 @@ def dense_text_metrics(
     return {"ppl": tool_output.perplexity(proc.stdout + proc.stderr), "tokens": ctx * chunks}
 
 
+def dense_kld(model: Path, text_file: Path, base_file: Path, ctx: int, chunks: int, threads: int) -> float:
+    """Mean KL divergence of another dense model (same vocabulary) against the saved dense logits."""
+    cmd = [*_perplexity_cmd(model, text_file, ctx, chunks, threads), "--kl-divergence-base", str(base_file),
+           "--kl-divergence"]  # fmt: skip
+    proc = _run_tool(cmd)
+    return float(tool_output.kl_divergence(proc.stdout + proc.stderr)["kld_mean"])
+
+
 def sparse_text_metrics(
     model: Path, level: float, text_file: Path, base_file: Path, ctx: int, chunks: int, threads: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -53,18 +53,30 @@ class KLDProbe:
             raise CalibrationError(f"dense probe run: {e}") from None
         return self
 
-    def kld(self) -> float:
-        """Mean KL divergence at the level slot, with the file's thresholds as they are now."""
+    def kld(self, level: float | None = None) -> float:
+        """Mean KL divergence at `level` (default: the level slot), with the file's thresholds as
+        they are now."""
         from . import evaluate
 
         try:
             m, _ = evaluate.sparse_text_metrics(
-                self.model, self.level_slot, self.text_file, self.base, self.window, self.chunks,
-                self.shape.threads,
+                self.model, self.level_slot if level is None else level, self.text_file, self.base,
+                self.window, self.chunks, self.shape.threads,
             )  # fmt: skip
         except evaluate.ToolOutputError as e:
             raise CalibrationError(f"probe run: {e}") from None
         return float(m["kld_mean"])
+
+    def dense_kld(self, other: Path) -> float:
+        """Mean KL divergence of another dense model (other weights, same vocabulary) against this
+        model's dense run."""
+        from . import evaluate
+
+        try:
+            shape = (self.window, self.chunks, self.shape.threads)
+            return evaluate.dense_kld(other, self.text_file, self.base, *shape)
+        except evaluate.ToolOutputError as e:
+            raise CalibrationError(f"probe run: {e}") from None
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None

@@ -8,8 +8,9 @@ that the two agree. Change both in one commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "actsparse."
@@ -35,6 +36,10 @@ KEY_ALLOCATION = "actsparse.allocation"
 # Optional, f32 array [levels]: the KL budget (--sparsity kld:X) each level was found for, 0 where
 # none. The runtime does not read it.
 KEY_LEVEL_BUDGETS = "actsparse.level_budgets"
+# Optional, f32 array [len(TRANSPOSED_CANDIDATES)]: each candidate copy type's measured KL cost
+# (--transposed-type auto chose actsparse.transposed_type by it). The runtime does not read it.
+KEY_TRANSPOSED_TYPE_KLD = "actsparse.transposed_type_kld"
+TRANSPOSED_CANDIDATES = ("q8_0", "same")
 # Not in files: a kv override at model load (bool) that keeps ffn_up of the layers with thresholds
 # out of the CPU backend's repacked buffers, since sparse decode reads its single rows.
 KEY_PLAIN_UP_ROWS = "actsparse.plain_up_rows"
@@ -116,3 +121,21 @@ def same_level(a: float, b: float) -> bool:
 def sparse_kernel_pays(target: float, copy_bytes: float, original_bytes: float) -> bool:
     """The copy-cost rule at a layer's target sparsity."""
     return (1.0 - target) * copy_bytes <= SPARSE_BYTES_MARGIN * original_bytes
+
+
+def decode_matrices(tensors: Mapping[str, Any]) -> list[str]:
+    """The weights dense decode multiplies, in file order: every 2D weight but the norms, the added
+    tensors and token_embd (only gathered) where output.weight exists."""
+    out = []
+    for name, t in tensors.items():
+        if (
+            not name.endswith(".weight")
+            or is_sparsity_tensor(name)
+            or "norm" in name.split(".")[-2]
+            or len(t.shape) < 2
+            or int(t.shape[1]) == 1
+            or (name == "token_embd.weight" and "output.weight" in tensors)
+        ):
+            continue
+        out.append(name)
+    return out

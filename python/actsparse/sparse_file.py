@@ -47,6 +47,8 @@ class SparseFile:
     # [levels, n_layer, kinds] target sparsity of each layer's kind (--allocate); None: the level
     allocation: np.ndarray | None = None
     level_budgets: list[float] | None = None  # per level, the kld:X it was found for (0: none)
+    # schema.TRANSPOSED_CANDIDATES -> measured KL cost (--transposed-type auto); None: not measured
+    copy_kld: dict[str, float] | None = None
 
     @property
     def allocated(self) -> bool:
@@ -126,6 +128,7 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
         weighted_scores=bool(field_value(reader, schema.KEY_WEIGHTED_SCORES, False)),
         allocation=allocation,
         level_budgets=_level_budgets(reader, path, len(levels)),
+        copy_kld=_copy_kld(reader, path),
         calibration=Calibration(
             source=str(field_value(reader, schema.KEY_CALIB_SOURCE, "")),
             sha256=str(field_value(reader, schema.KEY_CALIB_SHA256, "")),
@@ -143,3 +146,13 @@ def _level_budgets(reader: gguf_io.GGUFReader, path: Path, n_levels: int) -> lis
     if len(values) != n_levels:
         raise GGUFError(f"{path}: {schema.KEY_LEVEL_BUDGETS} has {len(values)} values for {n_levels} levels")
     return [round(float(v), 6) for v in values]
+
+
+def _copy_kld(reader: gguf_io.GGUFReader, path: Path) -> dict[str, float] | None:
+    values = field_value(reader, schema.KEY_TRANSPOSED_TYPE_KLD)
+    if values is None:
+        return None
+    if len(values) != len(schema.TRANSPOSED_CANDIDATES):
+        raise GGUFError(f"{path}: {schema.KEY_TRANSPOSED_TYPE_KLD} has {len(values)} values, not "
+                        f"{len(schema.TRANSPOSED_CANDIDATES)}")  # fmt: skip
+    return {c: round(float(v), 6) for c, v in zip(schema.TRANSPOSED_CANDIDATES, values, strict=True)}

@@ -40,6 +40,7 @@ class SparsityInfo:
     weighted_scores: bool = False
     allocated: bool = False
     level_budgets: list[float] | None = None
+    copy_kld: dict[str, float] | None = None  # --transposed-type auto's measurement
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
@@ -76,6 +77,7 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
         weighted_scores=f.weighted_scores,
         allocated=f.allocated,
         level_budgets=f.level_budgets,
+        copy_kld=f.copy_kld,
     )
 
 
@@ -102,7 +104,11 @@ def _inspect(args: argparse.Namespace) -> int:
     budgets = info.level_budgets or [0.0] * len(info.levels)
     named = [f"{v:g}" + (f" (kld:{b:g})" if b > 0 else "") for v, b in zip(info.levels, budgets, strict=True)]
     print(f"levels:      {', '.join(named)} (default {info.default_level:g})")
-    print(f"transposed:  {info.transposed_type}")
+    chosen = ""
+    if info.copy_kld:
+        costs = ", ".join(f"{k} {v:.4f}" for k, v in info.copy_kld.items())
+        chosen = f" (chosen by measurement; copy KLD on calibration text: {costs})"
+    print(f"transposed:  {info.transposed_type}{chosen}")
     c = info.calibration
     print(
         f"calibration: {c['tokens']} tokens of '{c['source']}' "
