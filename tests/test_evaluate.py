@@ -227,3 +227,19 @@ def test_markdown_of_a_task_only_evaluation_names_no_heldout_text() -> None:
     md = markdown_tables(report)
     assert "Held-out text" not in md and "PPL" not in md
     assert "boolq" in md and "| dense | 0 |" in md
+
+
+def test_eval_counts_each_run_s_decode_bytes(text_report: dict, small_sparse_model: Path) -> None:
+    """bytes_share is the bench's bytes per token at the run's realized sparsity, over dense's."""
+    from actsparse.benchmark import weight_bytes_per_token
+
+    runs = text_report["runs"]
+    assert runs[0]["bytes_share"] == 1.0
+    by = {(r["label"], r["level"]): r for r in runs[1:]}
+    for label in ("CHESS+attn", "CHESS", "CATS"):
+        assert 0 < by[(label, 0.6)]["bytes_share"] < by[(label, 0.3)]["bytes_share"] < 1.0
+    r = by[("CHESS+attn", 0.6)]
+    o = r["realized"]["overall"]
+    want = weight_bytes_per_token(small_sparse_model, o["ffn"], o["attn_q_in"], o["attn_o_in"], level=0.6)
+    assert r["bytes_share"] == pytest.approx(want / weight_bytes_per_token(small_sparse_model))
+    assert "bytes/token" in text_report["_md"]

@@ -77,6 +77,8 @@ class Run:
     generation: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # weight bytes one decoded token reads at the realized sparsity, as a share of dense decode's
+    bytes_share: float | None = None
 
 
 def read_sparse_model(path: Path) -> SparseFile:
@@ -364,6 +366,7 @@ def measure(args: EvalOptions) -> dict[str, Any]:
             _measure_generation(runs, models, plan, heldout.text[:HELDOUT_CHARS], args)
         if tasks:
             _measure_tasks(runs, models, plan, tasks, args)
+    _count_bytes(runs)
     report["runs"] = [asdict(r) for r in runs]
     report["summary"] = summarize(report)
     return report
@@ -387,6 +390,25 @@ def _measure_text(runs: list[Run], tmp: Path, text: str, args: EvalOptions) -> N
                 Path(r.model), r.level, text_file, base_file, args.ctx, args.chunks, args.threads
             )
         r.seconds += time.perf_counter() - t0
+
+
+def _count_bytes(runs: list[Run]) -> None:
+    """Each run's decode weight bytes per token (benchmark.weight_bytes_per_token: the file's copy
+    types and the copy-cost rule, every channel of a kind equally likely active) at the sparsity
+    it realized on the held-out text (the level where only generation or tasks ran)."""
+    from .benchmark import weight_bytes_per_token
+
+    dense: dict[str, float] = {}
+    for r in runs:
+        if r.level == 0:
+            r.bytes_share = 1.0
+            continue
+        model = Path(r.model)
+        if r.model not in dense:
+            dense[r.model] = weight_bytes_per_token(model)
+        overall = r.realized.get("overall", {})
+        s = [float(overall.get(k.name, r.level) or 0.0) for k in schema.KINDS]
+        r.bytes_share = weight_bytes_per_token(model, *s, level=r.level) / dense[r.model]
 
 
 def _measure_generation(
@@ -446,7 +468,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     dense = runs[0]
     rows = []
     for r in runs[1:]:
-        row: dict[str, Any] = {"label": r["label"], "level": r["level"]}
+        row: dict[str, Any] = {"label": r["label"], "level": r["level"], "bytes_share": r.get("bytes_share")}
         if r["text"]:
             row["ppl_increase"] = r["text"]["ppl"] / dense["text"]["ppl"] - 1.0
             row["kld_mean"] = r["text"]["kld_mean"]
@@ -485,10 +507,11 @@ def markdown_tables(report: dict[str, Any]) -> str:
     if any(r["text"] for r in runs):
         out += [
             f"Held-out text: {held['corpus']} ({held['chunks']} × {held['ctx']} tokens); "
-            f"{report['threads']} threads.\n",
-            "| method | level | realized FFN | realized q / o in | PPL | ΔPPL | KLD mean | KLD p99 "
-            "| same top |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"{report['threads']} threads. bytes/token: the weight bytes a decoded token reads at the "
+            "realized sparsity (the file's copy types), as a share of dense decode's.\n",
+            "| method | level | realized FFN | realized q / o in | bytes/token | PPL | ΔPPL | KLD mean "
+            "| KLD p99 | same top |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             t, s = r["text"], r["realized"].get("overall", {})
@@ -497,7 +520,8 @@ def markdown_tables(report: dict[str, Any]) -> str:
             dppl = None if r is dense else 100.0 * (t["ppl"] / dense["text"]["ppl"] - 1.0)
             out.append(
                 f"| {r['label']} | {r['level']:g} | {_fmt(s.get('ffn'), '.3f')} | "
-                f"{_fmt(s.get('attn_q_in'), '.3f')} / {_fmt(s.get('attn_o_in'), '.3f')} | {t['ppl']:.3f} | "
+                f"{_fmt(s.get('attn_q_in'), '.3f')} / {_fmt(s.get('attn_o_in'), '.3f')} | "
+                f"{_fmt(r.get('bytes_share'), '.3f')} | {t['ppl']:.3f} | "
                 f"{_fmt(dppl, '+.1f')}{'' if dppl is None else '%'} | {_fmt(t.get('kld_mean'), '.4f')} | "
                 f"{_fmt(t.get('kld_p99'), '.4f')} | {_fmt(t.get('same_top'), '.3f')} |"
             )
@@ -559,6 +583,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Quality against the weight bytes a decoded token reads, one curve per file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -573,6 +598,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ("mean KL divergence vs dense", lambda r: r["text"].get("kld_mean"), None),
             ("perplexity (held-out)", lambda r: r["text"].get("ppl"), dense["text"]["ppl"]),
         ]
+    if any(r.get("generation") for r in runs):
+        panels.insert(1, ("mean KLD, generation", lambda r: r.get("generation", {}).get("kld_mean"), None))
     if dense["tasks"]:
         panels.append(("8-task average acc (%)", lambda r: 100 * _avg_acc(r), 100 * _avg_acc(dense)))
     if not panels:
@@ -580,15 +607,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, value, dense_value) in zip(axes[0], panels, strict=True):
         for label in labels:
-            pts = [
-                (r["level"], value(r)) for r in runs[1:] if r["label"] == label and (r["text"] or r["tasks"])
-            ]
-            pts = [(x, y) for x, y in pts if y is not None]
+            pts = []
+            for r in runs[1:]:
+                if r["label"] != label or not (r["text"] or r["tasks"] or r.get("generation")):
+                    continue
+                y = value(r)
+                if y is not None:
+                    pts.append((r.get("bytes_share") or 1.0 - r["level"], y))
             if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=label)
+                ax.plot(*zip(*sorted(pts), strict=True), "o-", label=label)
         if dense_value is not None:
             ax.axhline(dense_value, color="black", lw=1, ls="--", label="dense")
-        ax.set_xlabel("target sparsity level")
+        ax.set_xlabel("decode weight bytes per token (share of dense)")
+        ax.invert_xaxis()  # sparser to the right
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

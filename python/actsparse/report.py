@@ -264,16 +264,18 @@ def bench_table(bench: dict) -> str:
 def discussion(result: dict) -> list[str]:
     """Sentences computed from one model's numbers."""
     text, tasks, bench = result["text"], result["tasks"], result["bench"]
+    # the default conversion's runs
+    main = next((r["label"] for r in text["runs"] if r["model"] == result["sparse_model"]), "CHESS+attn")
     lines = []
     dense_ppl = _dense(text)["text"].get("ppl")
-    # Where sparsity hurts, and the recommended level: the highest CHESS+attn level inside the
-    # project's quality targets.
+    # Where sparsity hurts, and the recommended level: the highest level of the default conversion
+    # inside the project's quality targets.
     ok_levels = []
     for r in text["runs"][1:]:
-        if r["label"] != "CHESS+attn" or not r["text"]:
+        if r["label"] != main or not r["text"]:
             continue
         inc = r["text"]["ppl"] / dense_ppl - 1.0
-        t = _run_at(tasks, "CHESS+attn", r["level"])
+        t = _run_at(tasks, main, r["level"])
         drop = None
         if t and t["tasks"] and _dense(tasks)["tasks"]:
             drop = 100 * (_dense(tasks)["tasks"]["average"]["acc"] - t["tasks"]["average"]["acc"])
@@ -282,7 +284,7 @@ def discussion(result: dict) -> list[str]:
             ok_levels.append(r["level"])
         drop_text = "" if drop is None else f", 8-task average acc {-drop:+.1f} points"
         lines.append(
-            f"- CHESS+attn at {r['level']:g}: perplexity {100 * inc:+.1f}%{drop_text}, mean KLD "
+            f"- {main} at {r['level']:g}: perplexity {100 * inc:+.1f}%{drop_text}, mean KLD "
             f"{r['text']['kld_mean']:.4f} (llama.cpp's q4_K_M on Llama-3-8B: {Q4_K_M_KLD}), "
             f"same top token {100 * r['text']['same_top']:.1f}% — {'within' if within else 'outside'} "
             f"the targets (perplexity ≤ +{100 * TARGET_PPL_INCREASE:.0f}%, average drop ≤ "
@@ -310,7 +312,7 @@ def discussion(result: dict) -> list[str]:
     for r in text["runs"][1:]:
         layers = (r.get("realized") or {}).get("layers") or []
         deviations = [(x["layer"], x["ffn"] - r["level"]) for x in layers if x.get("ffn") is not None]
-        if r["label"] == "CHESS+attn" and deviations:
+        if r["label"] == main and deviations:
             worst.append((r["level"], *max(deviations, key=lambda d: abs(d[1]))))
     if worst:
         lines.append(

@@ -57,7 +57,10 @@ class SparseFile:
     @property
     def label(self) -> str:
         attn = "+attn" if self.attn else ""
-        return f"{self.method.upper()}{attn}{' weighted' if self.weighted_scores else ''}"
+        weighted = " weighted" if self.weighted_scores else ""
+        allocated = " allocated" if self.allocated else ""
+        copies = " same-type copies" if self.transposed_type == "same" else ""
+        return f"{self.method.upper()}{attn}{weighted}{allocated}{copies}"
 
     def level_row(self, level: float | None = None) -> int:
         """The row of `level` (None: the default level) in the threshold tensors."""
