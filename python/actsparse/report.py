@@ -265,7 +265,7 @@ def discussion(result: dict) -> list[str]:
     """Sentences computed from one model's numbers."""
     text, tasks, bench = result["text"], result["tasks"], result["bench"]
     # the default conversion's runs
-    main = next((r["label"] for r in text["runs"] if r["model"] == result["sparse_model"]), "CHESS+attn")
+    main = next((r["label"] for r in text["runs"] if r["model"] == str(result["sparse_model"])), "CHESS+attn")
     lines = []
     dense_ppl = _dense(text)["text"].get("ppl")
     # Where sparsity hurts, and the recommended level: the highest level of the default conversion
