@@ -63,7 +63,7 @@ def allocated(
     out = tmp_path_factory.mktemp("allocated") / "smol.allocated.gguf"
     run_converter(
         small_model_path, "-o", out, "--load-stats", small_sparse_dir / "stats.gguf", "--sparsity", "0.3,0.5",
-        "--no-attn", "--allocate", "--allocate-tokens", 256, "--refine-tokens", 0,
+        "--no-attn", "--allocate", "--allocate-tokens", 128, "--refine-tokens", 0,
         "--transposed-type", "q8_0", "-q", check=True,
     )  # fmt: skip
     return out

@@ -11,17 +11,13 @@ import pytest
 from gguf import GGUFReader
 
 from actsparse.benchmark import decode_reads, split_bytes, weight_bytes_per_token, weight_bytes_read
-from helpers import run_cli, run_converter
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def sparse_model(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "smol.sparse.gguf"
-    run_converter(
-        small_model_path, "-o", out, "--calib-tokens", 1024, "--sparsity", "0.5,0.7",
-        "--transposed-type", "q8_0", "-q", check=True,
-    )  # fmt: skip
-    return out
+def sparse_model(small_sparse_model: Path) -> Path:
+    """The session's default conversion (levels 0.3 .. 0.7; Q8_0 copies for this Q4_1 model)."""
+    return small_sparse_model
 
 
 def test_weight_bytes_follow_the_definition(sparse_model: Path) -> None:
