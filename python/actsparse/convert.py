@@ -153,7 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allocate-tokens", type=int, default=DEFAULT_ALLOCATE_TOKENS, metavar="N",
         help="calibration tokens of each llama-perplexity run of --allocate (one per layer and kind, "
-        "and each kind whole at 3 sparsities) and of a kld:X level's search "
+        "and each kind whole at 3 sparsities), of a kld:X level's search and of --transposed-type "
+        "auto's measurement "
         f"(default {DEFAULT_ALLOCATE_TOKENS})",
     )  # fmt: skip
     p.add_argument(
