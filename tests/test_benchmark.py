@@ -75,7 +75,22 @@ def test_gathered_reads_follow_each_channel_s_activity(sparse_model: Path) -> No
 
 def test_bench_reports_json_and_png(sparse_model: Path, tmp_path: Path) -> None:
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = run_cli("bench", sparse_model, "--repeats", 3, "-p", 32, "-n", 8, "--json", js, "--png", png)
+    proc = run_cli(
+        "bench",
+        sparse_model,
+        "--levels",
+        "0.5,0.7",
+        "--repeats",
+        3,
+        "-p",
+        32,
+        "-n",
+        8,
+        "--json",
+        js,
+        "--png",
+        png,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(js.read_text())
     assert [e["level"] for e in report["levels"]] == [0.0, 0.5, 0.7]
