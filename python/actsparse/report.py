@@ -265,7 +265,8 @@ def discussion(result: dict) -> list[str]:
     """Sentences computed from one model's numbers."""
     text, tasks, bench = result["text"], result["tasks"], result["bench"]
     # the default conversion's runs
-    main = next((r["label"] for r in text["runs"] if r["model"] == str(result["sparse_model"])), "CHESS+attn")
+    sparse_model = str(result.get("sparse_model", ""))
+    main = next((r["label"] for r in text["runs"] if r.get("model") == sparse_model), "CHESS+attn")
     lines = []
     dense_ppl = _dense(text)["text"].get("ppl")
     # Where sparsity hurts, and the recommended level: the highest level of the default conversion
