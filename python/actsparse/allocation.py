@@ -66,7 +66,7 @@ def units(info: ModelInfo, stats: CalibrationStats, method: str, attn: bool) -> 
 
 def units_of(info: ModelInfo, attn: bool) -> list[tuple[int, schema.Kind]]:
     """(layer, kind) of each unit, without statistics (to count the probes)."""
-    kinds = schema.KINDS if attn else (schema.FFN,)
+    kinds = schema.sparse_kinds(attn)
     return [(il, k) for il in range(info.n_layer) for k in kinds]
 
 

@@ -281,7 +281,7 @@ def threshold_tensors(
     each level (allocation.uniform for uniform levels)."""
     out: list[NewTensor] = []
     f32 = GGMLQuantizationType.F32
-    kinds = schema.KINDS if attn else (schema.FFN,)
+    kinds = schema.sparse_kinds(attn)
     for il, ls in enumerate(stats.layers):
         for kind in kinds:
             t = kind_thresholds(ls, kind, targets[:, il, schema.KINDS.index(kind)].tolist(), method)
@@ -552,7 +552,7 @@ def probe_text(o: ConvertOptions) -> ProbeText:
 
 
 def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
-    kinds = schema.KINDS if attn else (schema.FFN,)
+    kinds = schema.sparse_kinds(attn)
     out = []
     for il in range(info.n_layer):
         for kind in kinds:
@@ -587,7 +587,7 @@ class Plan:
 
     @property
     def kinds(self) -> tuple[schema.Kind, ...]:
-        return schema.KINDS if self.options.attn else (schema.FFN,)
+        return schema.sparse_kinds(self.options.attn)
 
     @property
     def first_copies(self) -> str:
@@ -625,7 +625,7 @@ def plan(options: ConvertOptions) -> Plan:
         raise UsageError("--refine-tokens must be 0 or more")
     if options.allocate_tokens < 2:
         raise UsageError("--allocate-tokens must be 2 or more")
-    kinds = schema.KINDS if options.attn else (schema.FFN,)
+    kinds = schema.sparse_kinds(options.attn)
     choose = options.transposed_type == copy_choice.AUTO and copy_choice.policies_differ(info, kinds)
     return Plan(
         options, info, out, levels, default_level, refine_tokens, numeric, budgets, [0.0] * len(levels),
@@ -749,7 +749,7 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     done += 1
                     update(done)
 
-                kinds = schema.KINDS if o.attn else (schema.FFN,)
+                kinds = schema.sparse_kinds(o.attn)
                 column_norms.write_column_norms(norms, column_norms.column_norms(p.info, kinds, layer_done))
         if o.load_stats is None:
             with bar.stage("statistics", f"({o.calib_tokens} tokens, dense)") as update:

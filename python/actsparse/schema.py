@@ -139,3 +139,8 @@ def decode_matrices(tensors: Mapping[str, Any]) -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def sparse_kinds(attn: bool) -> tuple[Kind, ...]:
+    """The kinds a file carries: all of them, or the FFN's alone (--no-attn)."""
+    return KINDS if attn else (FFN,)
