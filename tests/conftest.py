@@ -79,6 +79,21 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
+def small_rsparse_model(small_model_path: Path, small_sparse_dir: Path) -> Path:
+    """SmolLM2 converted with R-Sparse (the input of every projection) at 0.3 and 0.5, from a short
+    calibration of its own (its scores are weighted and read other nodes)."""
+    from helpers import run_converter
+
+    out = small_sparse_dir / "r-sparse.gguf"
+    run_converter(
+        small_model_path, "-o", out, "--method", "r-sparse", "--sparsity", "0.3,0.5", "--calib-tokens", 2048,
+        "--refine-tokens", 1024, "--transposed-type", "q8_0",
+        "--save-stats", small_sparse_dir / "r-sparse-stats.gguf", "-q", check=True,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_sparse_model(small_sparse_dir: Path) -> Path:
     """SmolLM2 with CHESS + attention thresholds at the default levels (0.3 .. 0.7)."""
     return small_sparse_dir / "chess-attn.gguf"

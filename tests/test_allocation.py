@@ -76,7 +76,7 @@ def test_allocated_file_saves_each_level_and_holds_thresholds_at_its_targets(
     assert f.allocated and f.allocation is not None
     assert f.allocation.shape == (2, f.model.n_layer, len(schema.KINDS))
     stats = calibration.read_stats(small_sparse_dir / "stats.gguf")
-    units = allocation.units(f.model, stats, "chess", f.attn)
+    units = allocation.units(f.model, stats, "chess", f.kinds)
     saved = np.array([u.saved_bytes for u in units])
     tensors = {t.name: np.array(t.data) for t in GGUFReader(allocated).tensors if t.name.endswith("_thresh")}
     for row, level in enumerate(f.levels):
@@ -107,7 +107,7 @@ def test_runtime_realizes_the_allocated_targets(allocated: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     layers = tool_output.sparsity_stats(stats_file, "prefill")["layers"]
     f = read_sparse_file(allocated)
-    for kind in schema.KINDS if f.attn else (schema.FFN,):
+    for kind in f.kinds:
         got = np.array([row[kind.name] for row in layers])
         targets = np.array([f.target(kind, row["layer"], 0.5) for row in layers])
         # held-out text: each layer within a few points of its own target

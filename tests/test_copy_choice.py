@@ -14,6 +14,9 @@ from actsparse import benchmark, convert, copy_choice, gguf_io, schema, transpos
 from actsparse.gguf_io import field_value
 from helpers import DECODE_CHECK_TOLERANCE, checked_decode_stats
 
+CHESS_KINDS = schema.sparse_kinds("chess", True)
+KIND_NAMES = [k.name for k in CHESS_KINDS]
+
 
 def power_curve(a: float, g: float, levels: list[float]) -> dict[float, float]:
     return {s: a * s**g for s in levels}
@@ -50,7 +53,7 @@ def test_effective_weight_is_what_the_copy_holds(small_sparse_model: Path, small
     src = {t.name: t for t in GGUFReader(small_model_path).tensors}
     out = {t.name: t for t in GGUFReader(small_sparse_model).tensors}
     policy = field_value(GGUFReader(small_sparse_model), schema.KEY_TRANSPOSED_TYPE)
-    for kind in schema.KINDS:
+    for kind in CHESS_KINDS:
         w = src[kind.weight_name(2)]
         written = transpose.dequantized(out[kind.copy_name(2)]).T
         assert np.array_equal(copy_choice.effective_weight(w, policy), written), kind.name
@@ -59,15 +62,15 @@ def test_effective_weight_is_what_the_copy_holds(small_sparse_model: Path, small
 def test_decode_bytes_agree_with_the_bench(small_sparse_model: Path) -> None:
     info = gguf_io.describe_model(gguf_io.open_gguf(small_sparse_model), small_sparse_model)
     policy = field_value(info.reader, schema.KEY_TRANSPOSED_TYPE)
-    assert copy_choice.decode_weight_bytes(info, schema.KINDS, None, 0.0) == pytest.approx(
+    assert copy_choice.decode_weight_bytes(info, CHESS_KINDS, None, 0.0) == pytest.approx(
         benchmark.weight_bytes_per_token(small_sparse_model)
     )
     for level in (0.3, 0.5, 0.7):
-        bench = benchmark.weight_bytes_per_token(small_sparse_model, level, level, level)
-        assert copy_choice.decode_weight_bytes(info, schema.KINDS, policy, level) == pytest.approx(bench), (
+        bench = benchmark.weight_bytes_per_token(small_sparse_model, dict.fromkeys(KIND_NAMES, level))
+        assert copy_choice.decode_weight_bytes(info, CHESS_KINDS, policy, level) == pytest.approx(bench), (
             level
         )
-    same, q8 = (copy_choice.decode_weight_bytes(info, schema.KINDS, p, 0.7) for p in ("same", "q8_0"))
+    same, q8 = (copy_choice.decode_weight_bytes(info, CHESS_KINDS, p, 0.7) for p in ("same", "q8_0"))
     assert same < q8  # a Q4_1 row is smaller than a Q8_0 one
 
 
@@ -80,7 +83,7 @@ def test_default_conversion_records_its_choice(small_sparse_model: Path) -> None
     assert costs[1] > costs[0]  # requantizing 4-bit weights along the other axis costs more than Q8_0
     tensors = {t.name: t for t in r.tensors}
     for il in range(3):
-        for kind in schema.KINDS:
+        for kind in CHESS_KINDS:
             w = tensors[kind.weight_name(il)]
             want = transpose.transposed_type(w.tensor_type, int(w.shape[1]), policy)
             assert tensors[kind.copy_name(il)].tensor_type == want
@@ -96,7 +99,7 @@ def test_rewrite_copies_changes_only_the_copies(
     first = field_value(GGUFReader(f), schema.KEY_TRANSPOSED_TYPE)
     other = next(c for c in copy_choice.CANDIDATES if c != first)
     choice = copy_choice.CopyChoice(other, {"q8_0": 0.01, "same": 0.02}, {}, [])
-    convert.rewrite_copies(info, True, f, choice)
+    convert.rewrite_copies(info, schema.sparse_kinds("chess", True), f, choice)
     before = {t.name: t for t in GGUFReader(small_sparse_model).tensors}
     after_reader = GGUFReader(f)
     after = {t.name: t for t in after_reader.tensors}

@@ -240,6 +240,6 @@ def test_eval_counts_each_run_s_decode_bytes(text_report: dict, small_sparse_mod
         assert 0 < by[(label, 0.6)]["bytes_share"] < by[(label, 0.3)]["bytes_share"] < 1.0
     r = by[("CHESS+attn", 0.6)]
     o = r["realized"]["overall"]
-    want = weight_bytes_per_token(small_sparse_model, o["ffn"], o["attn_q_in"], o["attn_o_in"], level=0.6)
+    want = weight_bytes_per_token(small_sparse_model, o, level=0.6)
     assert r["bytes_share"] == pytest.approx(want / weight_bytes_per_token(small_sparse_model))
     assert "bytes/token" in text_report["_md"]

@@ -245,16 +245,23 @@ print(json.dumps({
     "dense": compare(dense_batch, dense_decode),
     "same_masks": compare(replayed, sparse_decode),
     "own_masks": compare(own_masks, sparse_decode),
-    "decode_zeroed": [recorded["overall"][k] for k in ("ffn", "attn_q_in", "attn_o_in")],
-    "replay_zeroed": [replay_stats["prefill"]["overall"][k] for k in ("ffn", "attn_q_in", "attn_o_in")],
+    "decode_zeroed": [recorded["overall"][k] for k in sys.argv[3].split(",")],
+    "replay_zeroed": [replay_stats["prefill"]["overall"][k] for k in sys.argv[3].split(",")],
 }))
 """
 
 
-def _stepwise_vs_batched(model: Path, kernels: str, kv_cache: str = "f16") -> dict:
+def stepwise_vs_batched(
+    model: Path,
+    kernels: str,
+    kv_cache: str = "f16",
+    kinds: tuple[str, ...] = ("ffn", "attn_q_in", "attn_o_in"),
+) -> dict:
+    """Decode token by token, recording its masks, against batched prefill replaying them (and
+    dense against dense); `kinds` are the file's, whose zeroed fractions are compared."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "ACTSPARSE_DECODE_KERNELS": kernels}
     proc = subprocess.run(
-        [sys.executable, "-c", _STEPWISE_VS_BATCHED, str(model), kv_cache],
+        [sys.executable, "-c", _STEPWISE_VS_BATCHED, str(model), kv_cache, ",".join(kinds)],
         capture_output=True,
         text=True,
         env=env,
@@ -275,7 +282,7 @@ def test_decode_and_batched_prefill_compute_the_same_function(sparse_model: Path
     prefill do (measured on SmolLM2 at 0.5: top-1 94.5-97.7% and KL 0.0022, against dense 96.9% and
     0.0026). Left to choose its own masks, the batch agrees on ~80% of the top-1 tokens (KL 0.07).
     """
-    m = _stepwise_vs_batched(sparse_model, kernels)
+    m = stepwise_vs_batched(sparse_model, kernels)
     # the load-time layout of the gathered weights changes no dense logit, decode or batched
     assert all(c["max_diff"] == 0.0 for c in m["dense_after_layout"]), m
     # the replay applied exactly the decode masks: the same number of inputs zeroed, kind by kind
@@ -296,7 +303,7 @@ def test_decode_equals_batched_prefill_with_the_mask_in_float_arithmetic(
     transposed copies) and the batched prefill applying the same masks give the same logits within
     float tolerance (measured 4e-5) and the same top-1 token at every position. Without the mask
     replay, a handful of inputs within 2e-5 of their thresholds flip and the two drift apart."""
-    m = _stepwise_vs_batched(small_f32_sparse_model, kernels, kv_cache="f32")
+    m = stepwise_vs_batched(small_f32_sparse_model, kernels, kv_cache="f32")
     # F32 weights, whose batched products go through llamafile's sgemm, also read from the moved buffers
     assert all(c["max_diff"] == 0.0 for c in m["dense_after_layout"]), m
     assert m["replay_zeroed"] == pytest.approx(m["decode_zeroed"], abs=1e-9), m

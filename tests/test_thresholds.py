@@ -9,6 +9,7 @@ from actsparse import allocation, calibration, column_norms, convert, gguf_io, s
 from actsparse.data import calibration_corpus
 
 BIN_REL_WIDTH = 2.0**-7
+CHESS_KINDS = schema.sparse_kinds("chess", True)
 
 
 @pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -122,7 +123,7 @@ def test_weighted_thresholds_equal_their_definition(small_model_path, tmp_path) 
     and |x_i| ||W[:, i]|| equal those recomputed in numpy from the dumped activations and the
     weights' column norms, and each skips the level's fraction of the weighted scores."""
     info = gguf_io.describe_model(gguf_io.open_gguf(small_model_path), small_model_path)
-    norms = column_norms.column_norms(info, schema.KINDS)
+    norms = column_norms.column_norms(info, CHESS_KINDS)
     norms_file = tmp_path / "norms.gguf"
     column_norms.write_column_norms(norms_file, norms)
     layers = (0, 17, 29)
@@ -136,8 +137,8 @@ def test_weighted_thresholds_equal_their_definition(small_model_path, tmp_path) 
     made = {t.name: t.make() for t in convert.threshold_tensors(info, stats, targets, "chess", True)}
     for il in layers:
         ls = stats.layers[il]
-        w = {kind.name: norms[column_norms.tensor_name(kind, il)].astype(np.float64) for kind in schema.KINDS}
-        for kind in schema.KINDS:  # the statistics carry the norms they were weighted by
+        w = {kind.name: norms[column_norms.tensor_name(kind, il)].astype(np.float64) for kind in CHESS_KINDS}
+        for kind in CHESS_KINDS:  # the statistics carry the norms they were weighted by
             np.testing.assert_array_equal(ls.col_norms[kind.name], w[kind.name])
         a, u = ls.dumps["ffn_act"].astype(np.float64), ls.dumps["ffn_up"].astype(np.float64)
         scale = np.abs(u).mean(axis=0) * w["ffn"]
@@ -158,9 +159,9 @@ def test_weighted_thresholds_equal_their_definition(small_model_path, tmp_path) 
 def test_column_norms_are_the_weight_columns_norms(small_model_path) -> None:
     """||W[:, i]|| per input of each sparse product, from the file's own quantized weights."""
     info = gguf_io.describe_model(gguf_io.open_gguf(small_model_path), small_model_path)
-    norms = column_norms.column_norms(info, schema.KINDS)
+    norms = column_norms.column_norms(info, CHESS_KINDS)
     assert len(norms) == 3 * info.n_layer
-    for kind in schema.KINDS:
+    for kind in CHESS_KINDS:
         w = transpose.dequantized(info.tensor(kind.weight_name(5))).astype(np.float64)
         n = norms[column_norms.tensor_name(kind, 5)]
         assert n.shape == (w.shape[1],) and (n > 0).all()

@@ -50,9 +50,31 @@
 #define ACTSPARSE_TENSOR_FFN_DOWN_T "blk.%d.ffn_down_t"
 #define ACTSPARSE_TENSOR_ATTN_Q_T "blk.%d.attn_q_t"
 #define ACTSPARSE_TENSOR_ATTN_OUTPUT_T "blk.%d.attn_output_t"
+// R-Sparse (actsparse.method "r-sparse"): the input of every other projection
+#define ACTSPARSE_TENSOR_ATTN_K_IN_THRESH "blk.%d.attn_k_in_thresh"
+#define ACTSPARSE_TENSOR_ATTN_V_IN_THRESH "blk.%d.attn_v_in_thresh"
+#define ACTSPARSE_TENSOR_FFN_GATE_IN_THRESH "blk.%d.ffn_gate_in_thresh"
+#define ACTSPARSE_TENSOR_FFN_UP_IN_THRESH "blk.%d.ffn_up_in_thresh"
+#define ACTSPARSE_TENSOR_FFN_DOWN_IN_THRESH "blk.%d.ffn_down_in_thresh"
+#define ACTSPARSE_TENSOR_ATTN_K_T "blk.%d.attn_k_t"
+#define ACTSPARSE_TENSOR_ATTN_V_T "blk.%d.attn_v_t"
+#define ACTSPARSE_TENSOR_FFN_GATE_T "blk.%d.ffn_gate_t"
+#define ACTSPARSE_TENSOR_FFN_UP_T "blk.%d.ffn_up_t"
 
 // The kinds of sparse input, numbered as the statistics, the mask trace and the Python side number them.
-enum actsparse_kind { ACTSPARSE_KIND_FFN = 0, ACTSPARSE_KIND_Q = 1, ACTSPARSE_KIND_O = 2, ACTSPARSE_N_KINDS = 3 };
+enum actsparse_kind {
+    ACTSPARSE_KIND_FFN = 0,  // CHESS/CATS: FFN channels by act(gate)
+    ACTSPARSE_KIND_Q = 1,
+    ACTSPARSE_KIND_O = 2,
+    ACTSPARSE_KIND_K = 3,  // R-Sparse from here on
+    ACTSPARSE_KIND_V = 4,
+    ACTSPARSE_KIND_GATE_IN = 5,
+    ACTSPARSE_KIND_UP_IN = 6,
+    ACTSPARSE_KIND_DOWN_IN = 7,
+    ACTSPARSE_N_KINDS = 8
+};
+// Files written before the R-Sparse kinds carry an allocation over the first three kinds alone.
+#define ACTSPARSE_LEGACY_ALLOCATION_KINDS 3
 
 struct actsparse_kind_info {
     const char * name;    // as --sparse-stats and the statistics JSON name it
@@ -65,6 +87,11 @@ static const struct actsparse_kind_info ACTSPARSE_KINDS[ACTSPARSE_N_KINDS] = {
     { "ffn", ACTSPARSE_TENSOR_FFN_ACT_THRESH, "blk.%d.ffn_down.weight", ACTSPARSE_TENSOR_FFN_DOWN_T ".weight" },
     { "attn_q_in", ACTSPARSE_TENSOR_ATTN_Q_IN_THRESH, "blk.%d.attn_q.weight", ACTSPARSE_TENSOR_ATTN_Q_T ".weight" },
     { "attn_o_in", ACTSPARSE_TENSOR_ATTN_O_IN_THRESH, "blk.%d.attn_output.weight", ACTSPARSE_TENSOR_ATTN_OUTPUT_T ".weight" },
+    { "attn_k_in", ACTSPARSE_TENSOR_ATTN_K_IN_THRESH, "blk.%d.attn_k.weight", ACTSPARSE_TENSOR_ATTN_K_T ".weight" },
+    { "attn_v_in", ACTSPARSE_TENSOR_ATTN_V_IN_THRESH, "blk.%d.attn_v.weight", ACTSPARSE_TENSOR_ATTN_V_T ".weight" },
+    { "ffn_gate_in", ACTSPARSE_TENSOR_FFN_GATE_IN_THRESH, "blk.%d.ffn_gate.weight", ACTSPARSE_TENSOR_FFN_GATE_T ".weight" },
+    { "ffn_up_in", ACTSPARSE_TENSOR_FFN_UP_IN_THRESH, "blk.%d.ffn_up.weight", ACTSPARSE_TENSOR_FFN_UP_T ".weight" },
+    { "ffn_down_in", ACTSPARSE_TENSOR_FFN_DOWN_IN_THRESH, "blk.%d.ffn_down.weight", ACTSPARSE_TENSOR_FFN_DOWN_T ".weight" },
 };
 
 // Architectures whose llama.cpp graph has a separate gate, up and down projection, with the

@@ -116,12 +116,23 @@ static bool phase_counted(const actsparse_context & st, int ph) {
 static std::string stats_table(const actsparse_context & st, int ph) {
     std::string out = std::string("actsparse: realized sparsity during ") + (ph == PHASE_DECODE ? "decode" : "prefill") +
                       (ph == PHASE_DECODE ? " (fraction of inputs skipped)\n" : " (fraction of inputs zeroed by the mask)\n");
-    out += "  layer      ffn  attn_q_in  attn_o_in\n";
+    // a column per kind the file carries
+    bool shown[N_KINDS] = {};
+    for (const sparse_layer & sl : st.model->layers) {
+        for (int k = 0; k < N_KINDS; ++k) shown[k] |= sl.thresh[k] != nullptr;
+    }
+    char line[256];
+    int n = std::snprintf(line, sizeof line, "  layer");
+    for (int k = 0; k < N_KINDS; ++k) {
+        if (shown[k]) n += std::snprintf(line + n, sizeof line - n, "  %9s", ACTSPARSE_KINDS[k].name);
+    }
+    out += line;
+    out += "\n";
     double tz[N_KINDS] = {}, tt[N_KINDS] = {};
-    char line[128];
     for (size_t il = 0; il < st.stats[ph].size(); ++il) {
-        int n = std::snprintf(line, sizeof line, "  %5zu", il);
+        n = std::snprintf(line, sizeof line, "  %5zu", il);
         for (int k = 0; k < N_KINDS; ++k) {
+            if (!shown[k]) continue;
             const double z = st.stats[ph][il][k].zero, t = st.stats[ph][il][k].total;
             tz[k] += z;
             tt[k] += t;
@@ -130,8 +141,10 @@ static std::string stats_table(const actsparse_context & st, int ph) {
         out += line;
         out += "\n";
     }
-    int n = std::snprintf(line, sizeof line, "  %5s", "all");
-    for (int k = 0; k < N_KINDS; ++k) n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
+    n = std::snprintf(line, sizeof line, "  %5s", "all");
+    for (int k = 0; k < N_KINDS; ++k) {
+        if (shown[k]) n += fraction_cell(line + n, sizeof line - n, tz[k], tt[k]);
+    }
     out += line;
     out += "\n";
     return out;

@@ -75,14 +75,17 @@ static std::vector<float> read_levels(const gguf_context * meta) {
 
 // Each layer and kind's target sparsity per level: the allocation the converter chose, or the level.
 static void read_targets(const gguf_context * meta, sparse_model * sm, size_t n_layer) {
-    const size_t n_levels = sm->levels.size(), n = n_levels * n_layer * N_KINDS;
+    const size_t n_levels = sm->levels.size();
     const int64_t k = gguf_find_key(meta, ACTSPARSE_KEY_ALLOCATION);
     const float * a = nullptr;
+    size_t n_kinds = N_KINDS;  // the allocation's kinds: all, or the legacy first three
     if (k >= 0) {
+        const size_t n = gguf_get_kv_type(meta, k) == GGUF_TYPE_ARRAY ? gguf_get_arr_n(meta, k) : 0;
+        if (n == n_levels * n_layer * ACTSPARSE_LEGACY_ALLOCATION_KINDS) n_kinds = ACTSPARSE_LEGACY_ALLOCATION_KINDS;
         if (gguf_get_kv_type(meta, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, k) != GGUF_TYPE_FLOAT32 ||
-            gguf_get_arr_n(meta, k) != n) {
-            throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_ALLOCATION "' must be " + std::to_string(n) +
-                                     " f32 values (levels x layers x kinds)");
+            n != n_levels * n_layer * n_kinds) {
+            throw std::runtime_error("actsparse: '" ACTSPARSE_KEY_ALLOCATION "' must be " +
+                                     std::to_string(n_levels * n_layer * N_KINDS) + " f32 values (levels x layers x kinds)");
         }
         a = (const float *) gguf_get_arr_data(meta, k);
         for (size_t i = 0; i < n; ++i) {
@@ -95,15 +98,43 @@ static void read_targets(const gguf_context * meta, sparse_model * sm, size_t n_
         for (int kind = 0; kind < N_KINDS; ++kind) {
             sl.target[kind].resize(n_levels);
             for (size_t lv = 0; lv < n_levels; ++lv) {
-                sl.target[kind][lv] = a ? a[(lv * n_layer + sl.il) * N_KINDS + kind] : sm->levels[lv];
+                sl.target[kind][lv] = !a ? sm->levels[lv]
+                                    : kind < (int) n_kinds ? a[(lv * n_layer + sl.il) * n_kinds + kind] : 0.0f;
             }
         }
     }
 }
 
+// Where each kind's tensors are in llama_layer, in ACTSPARSE_KINDS order: its thresholds, its
+// transposed copy and the product whose input it sparsifies (thresholds have one value per input of
+// that product, or one in all).
+struct kind_members {
+    ggml_tensor * llama_layer::*thresh;
+    ggml_tensor * llama_layer::*copy;
+    ggml_tensor * llama_layer::*weight;
+};
+
+static const kind_members KIND_MEMBERS[N_KINDS] = {
+    { &llama_layer::ffn_act_thresh, &llama_layer::ffn_down_t, &llama_layer::ffn_down },
+    { &llama_layer::attn_q_in_thresh, &llama_layer::attn_q_t, &llama_layer::wq },
+    { &llama_layer::attn_o_in_thresh, &llama_layer::attn_output_t, &llama_layer::wo },
+    { &llama_layer::attn_k_in_thresh, &llama_layer::attn_k_t, &llama_layer::wk },
+    { &llama_layer::attn_v_in_thresh, &llama_layer::attn_v_t, &llama_layer::wv },
+    { &llama_layer::ffn_gate_in_thresh, &llama_layer::ffn_gate_t, &llama_layer::ffn_gate },
+    { &llama_layer::ffn_up_in_thresh, &llama_layer::ffn_up_t, &llama_layer::ffn_up },
+    { &llama_layer::ffn_down_in_thresh, &llama_layer::ffn_down_t, &llama_layer::ffn_down },
+};
+
+static bool has_thresholds(const llama_layer & L) {
+    for (const kind_members & m : KIND_MEMBERS) {
+        if (L.*m.thresh) return true;
+    }
+    return false;
+}
+
 void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
     bool any = false;
-    for (const auto & L : model.layers) any |= L.ffn_act_thresh || L.attn_q_in_thresh || L.attn_o_in_thresh;
+    for (const auto & L : model.layers) any |= has_thresholds(L);
     const bool has_keys = gguf_find_key(meta, ACTSPARSE_KEY_FORMAT_VERSION) >= 0;
     if (!any && !has_keys) return;
     if (!any) throw std::runtime_error("actsparse: file has actsparse keys but no threshold tensors");
@@ -123,26 +154,20 @@ void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
 
     for (size_t il = 0; il < model.layers.size(); ++il) {
         const auto & L = model.layers[il];
-        if (!L.ffn_act_thresh && !L.attn_q_in_thresh && !L.attn_o_in_thresh) continue;
+        if (!has_thresholds(L)) continue;
         sparse_layer sl;
         sl.il = (int) il;
-        if (L.ffn_act_thresh) {
-            check_thresholds(L.ffn_act_thresh, L.ffn_gate ? L.ffn_gate->ne[1] : -1, sm->levels.size());
-            check_transposed(L.ffn_down_t, L.ffn_down, sl.il, KIND_FFN);
-            sl.thresh[KIND_FFN] = L.ffn_act_thresh;
-            sl.weight_t[KIND_FFN] = L.ffn_down_t;
+        for (int k = 0; k < N_KINDS; ++k) {
+            ggml_tensor * thr = L.*KIND_MEMBERS[k].thresh;
+            if (!thr) continue;
+            const ggml_tensor * w = L.*KIND_MEMBERS[k].weight;
+            check_thresholds(thr, w ? w->ne[0] : -1, sm->levels.size());
+            check_transposed(L.*KIND_MEMBERS[k].copy, w, sl.il, (op_kind) k);
+            sl.thresh[k] = thr;
+            sl.weight_t[k] = L.*KIND_MEMBERS[k].copy;
         }
-        if (L.attn_q_in_thresh) {
-            check_thresholds(L.attn_q_in_thresh, L.wq ? L.wq->ne[0] : -1, sm->levels.size());
-            check_transposed(L.attn_q_t, L.wq, sl.il, KIND_Q);
-            sl.thresh[KIND_Q] = L.attn_q_in_thresh;
-            sl.weight_t[KIND_Q] = L.attn_q_t;
-        }
-        if (L.attn_o_in_thresh) {
-            check_thresholds(L.attn_o_in_thresh, L.wo ? L.wo->ne[0] : -1, sm->levels.size());
-            check_transposed(L.attn_output_t, L.wo, sl.il, KIND_O);
-            sl.thresh[KIND_O] = L.attn_o_in_thresh;
-            sl.weight_t[KIND_O] = L.attn_output_t;
+        if (sl.thresh[KIND_FFN] && sl.thresh[ACTSPARSE_KIND_DOWN_IN]) {
+            throw std::runtime_error(tensor_err(sl.thresh[KIND_FFN], "and ffn_down_in_thresh both sparsify ffn_down"));
         }
         sm->layers.push_back(sl);
     }
@@ -151,11 +176,10 @@ void actsparse_model_loaded(llama_model & model, const gguf_context * meta) {
     sm->layer_index.assign(model.layers.size(), -1);
     for (size_t i = 0; i < sm->layers.size(); ++i) {
         const auto & sl = sm->layers[i];
-        const auto & L = model.layers[sl.il];
         sm->layer_index[sl.il] = (int) i;
-        if (sl.thresh[KIND_FFN]) sm->by_weight[L.ffn_down] = { (int) i, KIND_FFN };
-        if (sl.thresh[KIND_Q])   sm->by_weight[L.wq]       = { (int) i, KIND_Q };
-        if (sl.thresh[KIND_O])   sm->by_weight[L.wo]       = { (int) i, KIND_O };
+        for (int k = 0; k < N_KINDS; ++k) {
+            if (sl.thresh[k]) sm->by_weight[model.layers[sl.il].*KIND_MEMBERS[k].weight] = { (int) i, (op_kind) k };
+        }
     }
     delete model.actsparse;
     model.actsparse = sm.release();

@@ -16,6 +16,9 @@
 // --column-norms NORMS.gguf makes the scores weight-aware: each input's magnitude times the norm of
 // the weight column it multiplies (|a_i| E|u_i| ||W_down[:, i]||, |x_i| ||W_q[:, i]||, ...), which
 // measures the output an input moves rather than its size alone (WINA, R-Sparse).
+// Norms of the R-Sparse kinds (attn_k_in, attn_v_in, ffn_gate_in, ffn_up_in, ffn_down_in) add a
+// histogram of those scores each, at the projection's input ("attn_norm-N", "ffn_norm-N",
+// "ffn_swiglu-N" or "ffn_geglu-N").
 //
 // Histograms have one bin per bfloat16 value (the top 16 bits of the float), so a quantile taken
 // from them is exact up to linear interpolation inside a bin of relative width 2^-7.
@@ -105,6 +108,16 @@ struct options {
     std::string column_norms_file;    // ||W[:, i]||: the scores weighted by the weight column each input reads
 };
 
+enum class node_kind { none, up, gate, q_in, o_in, ffn_in, down_in };
+
+// A histogram of |x_i| ||W[:, i]|| at the input of one projection (an R-Sparse kind).
+struct input_hist {
+    std::string kind;  // its name in ACTSPARSE_KINDS
+    node_kind node;
+    std::vector<float> norm;
+    std::vector<double> hist;
+};
+
 struct layer_stats {
     std::vector<double> sum_abs_up;         // [n_ff]
     std::vector<double> hist_act;           // |a|
@@ -117,6 +130,7 @@ struct layer_stats {
     std::vector<float> norm_ffn, norm_q_in, norm_o_in;
     std::vector<double> score_scale;        // m_i (times norm_ffn_i): the CHESS score's factor on |a_i|
     std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
+    std::vector<input_hist> inputs;  // the R-Sparse kinds' weighted score histograms
     int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
 };
@@ -223,17 +237,21 @@ bool parse_name(const char * name, const char * prefix, int & il) {
     return true;
 }
 
-enum class node_kind { none, up, gate, q_in, o_in };
-
 node_kind classify(const char * name, int & il) {
     if (parse_name(name, "ffn_up", il))    return node_kind::up;
     if (parse_name(name, "ffn_gate", il))  return node_kind::gate;
     if (parse_name(name, "attn_norm", il)) return node_kind::q_in;
     if (parse_name(name, "kqv_out", il))   return node_kind::o_in;
+    if (parse_name(name, "ffn_norm", il))  return node_kind::ffn_in;
+    if (parse_name(name, "ffn_swiglu", il) || parse_name(name, "ffn_geglu", il)) return node_kind::down_in;
     return node_kind::none;
 }
 
+// The nodes the R-Sparse kinds' histograms read, beyond those every pass reads (a bit each).
+int g_input_nodes = 0;
+
 bool wanted(pass_kind pass, node_kind kind) {
+    if (kind == node_kind::ffn_in || kind == node_kind::down_in) return (g_input_nodes >> (int) kind) & 1;
     return kind != node_kind::none && (pass == pass_kind::dense || kind != node_kind::up);
 }
 
@@ -241,7 +259,7 @@ int kind_bit(node_kind kind) { return 1 << (int) kind; }
 
 int wanted_bits(pass_kind pass) {
     int bits = 0;
-    for (node_kind k : { node_kind::up, node_kind::gate, node_kind::q_in, node_kind::o_in })
+    for (node_kind k : { node_kind::up, node_kind::gate, node_kind::q_in, node_kind::o_in, node_kind::ffn_in, node_kind::down_in })
         if (wanted(pass, k)) bits |= kind_bit(k);
     return bits;
 }
@@ -413,6 +431,11 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
             break;
         default: break;
     }
+    for (input_hist & h : L.inputs) {
+        if (h.node != kind) continue;
+        if ((int64_t) h.norm.size() != ne0) { c->error = h.kind + " column norms width mismatch"; return false; }
+        add_weighted_hist(h.hist, x, ne0, nrows, h.norm);
+    }
     // the rest of the graph (the output layer and its logits) computes nothing the statistics use
     if (il == (int) c->layers.size() - 1) {
         c->last_layer_seen |= kind_bit(kind);
@@ -458,7 +481,7 @@ std::vector<common_arg> calibrator_args() {
         [](common_params &, const std::string & v) { g_opt.mean_abs_up_file = v; }));
     args.emplace_back(common_arg({ "--column-norms" }, "PATH",
         "weight-aware scores: each input's magnitude times the norm of the weight column it reads, from the "
-        "blk.N.{ffn,attn_q_in,attn_o_in}_col_norm tensors of PATH (written by convert_with_thresholds.py)",
+        "blk.N.KIND_col_norm tensors of PATH (written by convert_with_thresholds.py; KIND as ACTSPARSE_KINDS names it)",
         [](common_params &, const std::string & v) { g_opt.column_norms_file = v; }));
     args.emplace_back(common_arg({ "--source" }, "NAME", "name of the calibration text, stored in the statistics",
         [](common_params &, const std::string & v) { g_opt.source = v; }));
@@ -527,6 +550,7 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
         bytes += (L.sum_abs_up.size() + 4 * (size_t) N_BINS) * sizeof(double) + 1024;
         bytes += (L.dump_gate.size() + L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size()) * sizeof(float) + 1024;
         bytes += (L.norm_ffn.size() + L.norm_q_in.size() + L.norm_o_in.size()) * sizeof(float) + 3 * 1024;
+        for (const input_hist & h : L.inputs) bytes += N_BINS * sizeof(double) + h.norm.size() * sizeof(float) + 2 * 1024;
     }
     ggml_init_params ip = { bytes, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
@@ -557,6 +581,10 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
         if (!L.norm_ffn.empty())   add_f32(g, ctx, p + "ffn_col_norm", L.norm_ffn, (int64_t) L.norm_ffn.size());
         if (!L.norm_q_in.empty())  add_f32(g, ctx, p + "attn_q_in_col_norm", L.norm_q_in, (int64_t) L.norm_q_in.size());
         if (!L.norm_o_in.empty())  add_f32(g, ctx, p + "attn_o_in_col_norm", L.norm_o_in, (int64_t) L.norm_o_in.size());
+        for (const input_hist & h : L.inputs) {
+            if (!h.hist.empty()) add_f64(g, ctx, p + h.kind + "_hist", h.hist, N_BINS);
+            add_f32(g, ctx, p + h.kind + "_col_norm", h.norm, (int64_t) h.norm.size());
+        }
         if (!L.dump_gate.empty())  add_f32(g, ctx, p + "dump.ffn_gate", L.dump_gate, L.n_ff);
         if (!L.dump_act.empty())   add_f32(g, ctx, p + "dump.ffn_act", L.dump_act, L.n_ff);
         if (!L.dump_up.empty())    add_f32(g, ctx, p + "dump.ffn_up", L.dump_up, L.n_ff);
@@ -603,20 +631,36 @@ void load_column_norms(const std::string & path, std::vector<layer_stats> & laye
     gguf_context * g = gguf_init_from_file(path.c_str(), gp);
     if (!g) fail("cannot read column norms " + path);
     int found = 0;
+    // the R-Sparse kinds, each at the node that is its projection's input
+    const std::pair<int, node_kind> input_kinds[] = {
+        { ACTSPARSE_KIND_K, node_kind::q_in },         { ACTSPARSE_KIND_V, node_kind::q_in },
+        { ACTSPARSE_KIND_GATE_IN, node_kind::ffn_in }, { ACTSPARSE_KIND_UP_IN, node_kind::ffn_in },
+        { ACTSPARSE_KIND_DOWN_IN, node_kind::down_in },
+    };
     for (size_t il = 0; il < layers.size(); ++il) {
         const std::string p = "blk." + std::to_string(il) + ".";
         layer_stats & L = layers[il];
-        for (auto [kind, dst] : { std::pair{ "ffn", &L.norm_ffn }, { "attn_q_in", &L.norm_q_in }, { "attn_o_in", &L.norm_o_in } }) {
+        auto norms = [&](const std::string & kind, std::vector<float> & dst) {
             const std::string name = p + kind + "_col_norm";
             const ggml_tensor * t = ggml_get_tensor(data, name.c_str());
-            if (!t) continue;
+            if (!t) return false;
             if (t->type != GGML_TYPE_F32 || ggml_nrows(t) != 1) fail(path + ": tensor '" + name + "' is not an F32 vector");
             const float * v = (const float *) t->data;
             for (int64_t i = 0; i < t->ne[0]; ++i) {
                 if (!std::isfinite(v[i]) || v[i] < 0) fail(path + ": tensor '" + name + "' has a negative or non-finite norm");
             }
-            dst->assign(v, v + t->ne[0]);
+            dst.assign(v, v + t->ne[0]);
             ++found;
+            return true;
+        };
+        norms("ffn", L.norm_ffn);
+        norms("attn_q_in", L.norm_q_in);
+        norms("attn_o_in", L.norm_o_in);
+        for (auto [k, node] : input_kinds) {
+            input_hist h{ ACTSPARSE_KINDS[k].name, node, {}, {} };
+            if (!norms(h.kind, h.norm)) continue;
+            g_input_nodes |= 1 << (int) node;
+            L.inputs.push_back(std::move(h));
         }
     }
     if (!found) fail(path + " holds no blk.N.*_col_norm tensors");

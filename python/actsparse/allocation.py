@@ -48,32 +48,31 @@ class Unit:
     score_hist: np.ndarray  # the histogram its thresholds are quantiles of
 
 
-def units(info: ModelInfo, stats: CalibrationStats, method: str, attn: bool) -> list[Unit]:
-    """The units of a model, FFN then q input then o input of each layer."""
+def units(info: ModelInfo, stats: CalibrationStats, method: str, kinds: Sequence[schema.Kind]) -> list[Unit]:
+    """The units of a model: each layer's `kinds`, in that order."""
     nbytes = {name: float(t.n_bytes) for name, t in info.tensors.items()}
     out = []
     for il, ls in enumerate(stats.layers):
-        hist = ls.score_hist if method == "chess" else ls.act_hist
-        if hist is None:
-            raise ValueError("CHESS scores missing from the statistics")
-        ffn = nbytes[f"blk.{il}.ffn_up.weight"] + nbytes[schema.FFN.weight_name(il)]
-        out.append(Unit(il, schema.FFN, ffn, hist))
-        if attn and ls.q_in_hist is not None and ls.o_in_hist is not None:
-            out.append(Unit(il, schema.ATTN_Q_IN, nbytes[schema.ATTN_Q_IN.weight_name(il)], ls.q_in_hist))
-            out.append(Unit(il, schema.ATTN_O_IN, nbytes[schema.ATTN_O_IN.weight_name(il)], ls.o_in_hist))
+        for kind in kinds:
+            if kind is schema.FFN:
+                hist = ls.score_hist if method == "chess" else ls.act_hist
+                if hist is None:
+                    raise ValueError("CHESS scores missing from the statistics")
+                ffn = nbytes[f"blk.{il}.ffn_up.weight"] + nbytes[schema.FFN.weight_name(il)]
+                out.append(Unit(il, schema.FFN, ffn, hist))
+            elif (hist := ls.input_hist(kind)) is not None:
+                out.append(Unit(il, kind, nbytes[kind.weight_name(il)], hist))
     return out
 
 
-def units_of(info: ModelInfo, attn: bool) -> list[tuple[int, schema.Kind]]:
+def units_of(info: ModelInfo, kinds: Sequence[schema.Kind]) -> list[tuple[int, schema.Kind]]:
     """(layer, kind) of each unit, without statistics (to count the probes)."""
-    kinds = schema.sparse_kinds(attn)
     return [(il, k) for il in range(info.n_layer) for k in kinds]
 
 
-def probe_runs(info: ModelInfo, attn: bool, options: ProbeOptions) -> int:
+def probe_runs(info: ModelInfo, kinds: Sequence[schema.Kind], options: ProbeOptions) -> int:
     """llama-perplexity runs of measure_sensitivity: dense, the floor, each unit, each kind."""
-    kinds = len(schema.KINDS) if attn else 1
-    return 2 + len(units_of(info, attn)) + kinds * len(whole_kind_sparsities(options))
+    return 2 + len(units_of(info, kinds)) + len(kinds) * len(whole_kind_sparsities(options))
 
 
 def _bin_values() -> np.ndarray:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,19 +105,21 @@ class WeightRead:
 Activity = dict[str, list[np.ndarray]]  # kind name -> per layer, each channel's fraction of tokens active
 
 
-def uniform_activity(path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0) -> Activity:
+Sparsity = Mapping[str, float]  # kind name -> realized sparsity (a kind not named: 0)
+
+
+def uniform_activity(path: Path, sparsity: Sparsity) -> Activity:
     """Every channel of a kind active with the same probability: 1 - its realized sparsity."""
     tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
-    sparsity = dict(zip((k.name for k in schema.KINDS), (s_ffn, s_q, s_o), strict=True))
     out: Activity = {}
     for kind in schema.KINDS:
         layers: list[np.ndarray] = []
         out[kind.name] = layers
-        if sparsity[kind.name] <= 0:
+        if sparsity.get(kind.name, 0.0) <= 0:
             continue  # read whole
         for il in itertools.count():
             copy = tensors.get(kind.copy_name(il))
-            if copy is None:
+            if copy is None or kind.thresh_name(il) not in tensors:
                 break
             layers.append(np.full(int(copy.shape[1]), 1.0 - sparsity[kind.name]))
     return out
@@ -154,9 +156,13 @@ def decode_reads(
         kind = m.group(2) if m else name
         rows = int(np.prod(t.shape[1:]))
         whole = WeightRead(name, t.n_bytes // rows, rows)
-        sparse_kind = next(
-            (k for k in schema.KINDS if kind in (k.weight_kind, "ffn_up" if k is schema.FFN else "")), None
-        )
+        # the kind this file sparsifies the product's input by (ffn_up: CHESS reads its rows)
+        sparse_kind = None if not m else next(
+            (k for k in schema.KINDS
+             if k.thresh_name(int(m.group(1))) in tensors
+             and kind in (k.weight_kind, "ffn_up" if k is schema.FFN else "")),
+            None,
+        )  # fmt: skip
         layer_activity = None
         if level is not None and activity is not None and sparse_kind and m:
             layers = activity.get(sparse_kind.name, [])
@@ -165,7 +171,7 @@ def decode_reads(
         if layer_activity is None:
             reads.append(whole)
             continue
-        if kind == "ffn_up":
+        if kind == "ffn_up" and sparse_kind is schema.FFN:
             reads.append(WeightRead(name, whole.row_bytes, rows, layer_activity))
             continue
         copy = tensors[sparse_kind.copy_name(int(m.group(1)))]
@@ -184,21 +190,20 @@ def split_bytes(reads: list[WeightRead]) -> tuple[float, float]:
 
 
 def weight_bytes_read(
-    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
+    path: Path, sparsity: Sparsity | None = None, level: float | None = None
 ) -> tuple[float, float]:
     """Weight bytes one decode step reads, as (streamed, gathered), with every channel of a kind
-    equally likely to be active (realized sparsity s_*, at target `level`; decode_reads)."""
-    if not (s_ffn or s_q or s_o):
+    equally likely to be active (its realized `sparsity`, at target `level`, by default the
+    largest; decode_reads). Without sparsity: dense decode."""
+    if not sparsity or not any(sparsity.values()):
         return split_bytes(decode_reads(path))
-    activity = uniform_activity(path, s_ffn, s_q, s_o)
-    return split_bytes(decode_reads(path, s_ffn if level is None else level, activity))
+    activity = uniform_activity(path, sparsity)
+    return split_bytes(decode_reads(path, max(sparsity.values()) if level is None else level, activity))
 
 
-def weight_bytes_per_token(
-    path: Path, s_ffn: float = 0.0, s_q: float = 0.0, s_o: float = 0.0, level: float | None = None
-) -> float:
+def weight_bytes_per_token(path: Path, sparsity: Sparsity | None = None, level: float | None = None) -> float:
     """All weight bytes one decode step reads (weight_bytes_read, streamed and gathered alike)."""
-    return sum(weight_bytes_read(path, s_ffn, s_q, s_o, level))
+    return sum(weight_bytes_read(path, sparsity, level))
 
 
 def huge_pages_on() -> bool:

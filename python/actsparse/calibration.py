@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine
+from . import engine, schema
 from .gguf_io import GGUFError, atomic_output, field_value, open_gguf
 
 
@@ -31,9 +31,19 @@ class LayerStats:
     q_in_hist: np.ndarray | None
     o_in_hist: np.ndarray | None
     dumps: dict[str, np.ndarray] = field(default_factory=dict)
-    # weighted scores: ||W[:, i]|| per kind name ("ffn", "attn_q_in", "attn_o_in"), which every
-    # histogram but act_hist (and the score factor of the CHESS one) is weighted by
+    # weighted scores: ||W[:, i]|| per kind name ("ffn", "attn_q_in", ...), which every histogram
+    # but act_hist (and the score factor of the CHESS one) is weighted by
     col_norms: dict[str, np.ndarray] = field(default_factory=dict)
+    # the R-Sparse kinds' histograms of |x_i| ||W[:, i]||, by kind name ("ffn_gate_in", ...)
+    input_hists: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def input_hist(self, kind: schema.Kind) -> np.ndarray | None:
+        """The histogram the thresholds of an input kind (every kind but FFN's) are taken from."""
+        if kind is schema.ATTN_Q_IN:
+            return self.q_in_hist
+        if kind is schema.ATTN_O_IN:
+            return self.o_in_hist
+        return self.input_hists.get(kind.name)
 
 
 @dataclass
@@ -132,9 +142,14 @@ def read_stats(path: Path) -> CalibrationStats:
                 o_in_hist=_flat(get(p + "attn_o_in_hist")),
                 dumps=dumps,
                 col_norms={
-                    kind: v.reshape(-1)
-                    for kind in ("ffn", "attn_q_in", "attn_o_in")
-                    if (v := get(f"{p}{kind}_col_norm")) is not None
+                    kind.name: v.reshape(-1)
+                    for kind in schema.KINDS
+                    if (v := get(f"{p}{kind.name}_col_norm")) is not None
+                },
+                input_hists={
+                    kind.name: v.reshape(-1)
+                    for kind in schema.KINDS[len(schema.sparse_kinds("chess", True)) :]
+                    if (v := get(f"{p}{kind.name}_hist")) is not None
                 },
             )
         )

@@ -102,8 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"level --sparse uses without a value (default {DEFAULT_LEVEL} if listed, else the middle one)",
     )  # fmt: skip
     p.add_argument(
-        "--method", choices=("chess", "cats"), default="chess", help="threshold method (default chess)"
-    )
+        "--method", choices=schema.METHODS, default="chess",
+        help="threshold method (default chess): chess (channel-wise FFN thresholds), cats (one FFN threshold "
+        "per layer), or r-sparse (the input of every projection, q k v o gate up down, scored by "
+        "|x_i| ||W[:, i]||; no low-rank term yet)",
+    )  # fmt: skip
     p.add_argument(
         "--no-attn", dest="attn", action="store_false", help="no selective attention thresholds (FFN only)"
     )
@@ -200,7 +203,9 @@ def load_calibration_text(path: Path | None) -> CalibText:
     return CalibText(corpus.name, corpus.text)
 
 
-def loaded_stats(path: Path, info: ModelInfo, method: str, weighted: bool) -> calibration.CalibrationStats:
+def loaded_stats(
+    path: Path, info: ModelInfo, method: str, weighted: bool, kinds: Sequence[schema.Kind]
+) -> calibration.CalibrationStats:
     """Statistics saved by --save-stats, checked against the model they are applied to."""
     if not path.is_file():
         raise UsageError(f"statistics file {path} does not exist")
@@ -212,6 +217,8 @@ def loaded_stats(path: Path, info: ModelInfo, method: str, weighted: bool) -> ca
         )
     if method == "chess" and not stats.has_scores:
         raise UsageError(f"statistics {path} lack the CHESS pass (collected for cats); calibrate again")
+    if method == "r-sparse" and any(ls.input_hist(k) is None for ls in stats.layers for k in kinds):
+        raise UsageError(f"statistics {path} were not collected for r-sparse (its input scores are missing)")
     if stats.weighted_scores != weighted:
         have, want, fix = (
             ("weighted", "plain", "add") if stats.weighted_scores else ("plain", "weighted", "drop")
@@ -255,9 +262,9 @@ def kind_thresholds(
 
             width = 1
     else:
-        hist = ls.q_in_hist if kind is schema.ATTN_Q_IN else ls.o_in_hist
+        hist = ls.input_hist(kind)
         if hist is None:
-            raise RuntimeError("attention statistics missing (attn_norm/kqv_out not seen)")
+            raise calibration.CalibrationError(f"statistics of {kind.name} missing (its input was not seen)")
         norms = ls.col_norms.get(kind.name)
 
         # weighted: a histogram of |x_i| ||W[:, i]||, so input i's threshold is tau / ||W[:, i]||
@@ -281,7 +288,7 @@ def threshold_tensors(
     each level (allocation.uniform for uniform levels)."""
     out: list[NewTensor] = []
     f32 = GGMLQuantizationType.F32
-    kinds = schema.sparse_kinds(attn)
+    kinds = schema.sparse_kinds(method, attn)
     for il, ls in enumerate(stats.layers):
         for kind in kinds:
             t = kind_thresholds(ls, kind, targets[:, il, schema.KINDS.index(kind)].tolist(), method)
@@ -337,7 +344,7 @@ def sparse_aware_thresholds(
             source, text, tokens=tokens, window=o.window, threads=o.threads,
             chess=o.method == "chess", sparse=level,
             mean_abs_up_from=dense_stats if o.method == "chess" else None,
-            column_norms=dense_stats if o.weighted_scores else None,  # the statistics carry the norms
+            column_norms=dense_stats if p.weighted else None,  # the statistics carry the norms
             on_progress=None if on_progress is None else lambda n: on_progress(k * tokens + n),
         )  # fmt: skip
         at = targets if row is None else targets[row : row + 1]
@@ -394,7 +401,7 @@ def allocated_targets(
     """Stage --allocate: each unit's sensitivity measured on `written` (its thresholds at the
     first level rewritten per probe); returns the levels -> allocation function (allocation.py)."""
     o = p.options
-    unit_list = allocation.units(p.info, stats, o.method, o.attn)
+    unit_list = allocation.units(p.info, stats, o.method, p.kinds)
     zeros = {t.name: np.zeros_like(t.make()) for t in threshold_tensors(
         p.info, stats, allocation.uniform(p.levels, p.info.n_layer), o.method, o.attn)}  # fmt: skip
 
@@ -519,7 +526,9 @@ def choose_copies(
     return copy_choice.choose(copies, sparsity, verdict_levels, weight_bytes)
 
 
-def rewrite_copies(info: ModelInfo, attn: bool, written: Path, choice: copy_choice.CopyChoice) -> None:
+def rewrite_copies(
+    info: ModelInfo, kinds: Sequence[schema.Kind], written: Path, choice: copy_choice.CopyChoice
+) -> None:
     """Record the measured copy costs in `written` and, where its copies are of another type than
     the chosen one, rewrite them in that type (all else kept)."""
     costs = [choice.copy_kld[c] for c in copy_choice.CANDIDATES]
@@ -532,7 +541,7 @@ def rewrite_copies(info: ModelInfo, attn: bool, written: Path, choice: copy_choi
         schema.KEY_TRANSPOSED_TYPE: (choice.policy, GGUFValueType.STRING),
         schema.KEY_TRANSPOSED_TYPE_KLD: (costs, GGUFValueType.ARRAY),
     }
-    copies = transposed_tensors(info, attn, choice.policy)
+    copies = transposed_tensors(info, kinds, choice.policy)
     copy_names = {t.name for t in copies}
     with gguf_io.atomic_output(written) as again:
         gguf_io.write_gguf(current, info.arch, again, kv, copies, drop=lambda name: name in copy_names)
@@ -551,11 +560,10 @@ def probe_text(o: ConvertOptions) -> ProbeText:
     return ProbeText(o.allocate_tokens, min(o.window, o.allocate_tokens), o.threads)
 
 
-def transposed_tensors(info: ModelInfo, attn: bool, policy: str) -> list[NewTensor]:
-    kinds = schema.sparse_kinds(attn)
+def transposed_tensors(info: ModelInfo, kinds: Sequence[schema.Kind], policy: str) -> list[NewTensor]:
     out = []
     for il in range(info.n_layer):
-        for kind in kinds:
+        for kind in schema.copies(kinds):
             src = info.tensor(kind.weight_name(il))
             ne0, ne1 = int(src.shape[0]), int(src.shape[1])
             qtype = transpose.transposed_type(src.tensor_type, ne1, policy)
@@ -587,7 +595,12 @@ class Plan:
 
     @property
     def kinds(self) -> tuple[schema.Kind, ...]:
-        return schema.sparse_kinds(self.options.attn)
+        return schema.sparse_kinds(self.options.method, self.options.attn)
+
+    @property
+    def weighted(self) -> bool:
+        """Weight-aware scores: asked for, or R-Sparse's own."""
+        return self.options.weighted_scores or self.options.method == "r-sparse"
 
     @property
     def first_copies(self) -> str:
@@ -607,8 +620,8 @@ def plan(options: ConvertOptions) -> Plan:
     default_level = choose_default_level(numeric or levels, options.default_level)
     if options.calib_tokens < 1 or options.window < 2 or options.threads < 1:
         raise UsageError("--calib-tokens, --window and --threads must be positive")
-    if options.method not in ("chess", "cats"):
-        raise UsageError(f"unknown method {options.method!r}; choose chess or cats")
+    if options.method not in schema.METHODS:
+        raise UsageError(f"unknown method {options.method!r}; choose one of {', '.join(schema.METHODS)}")
     if options.transposed_type not in TRANSPOSED_TYPE_CHOICES:
         raise UsageError(f"unknown transposed type {options.transposed_type!r}")
     info = gguf_io.describe_model(gguf_io.open_gguf(options.model), options.model)
@@ -625,7 +638,7 @@ def plan(options: ConvertOptions) -> Plan:
         raise UsageError("--refine-tokens must be 0 or more")
     if options.allocate_tokens < 2:
         raise UsageError("--allocate-tokens must be 2 or more")
-    kinds = schema.sparse_kinds(options.attn)
+    kinds = schema.sparse_kinds(options.method, options.attn)
     choose = options.transposed_type == copy_choice.AUTO and copy_choice.policies_differ(info, kinds)
     return Plan(
         options, info, out, levels, default_level, refine_tokens, numeric, budgets, [0.0] * len(levels),
@@ -640,7 +653,7 @@ def statistics_stage(
     the statistics file the sparse-aware pass reads E|u_i| (and the column norms) from."""
     o = p.options
     if o.load_stats is not None:
-        stats = loaded_stats(o.load_stats, p.info, o.method, o.weighted_scores)
+        stats = loaded_stats(o.load_stats, p.info, o.method, p.weighted, p.kinds)
         calib = CalibText(stats.source or o.load_stats.name, "", stats.source_sha256)
         stats_file = o.load_stats
     else:
@@ -680,7 +693,7 @@ def metadata(
         schema.KEY_ACTIVATION: (p.info.activation, GGUFValueType.STRING),
         schema.KEY_UP_STATISTIC: ("mean_abs", GGUFValueType.STRING),
         schema.KEY_TRANSPOSED_TYPE: (p.first_copies, GGUFValueType.STRING),
-        schema.KEY_WEIGHTED_SCORES: (o.weighted_scores, GGUFValueType.BOOL),
+        schema.KEY_WEIGHTED_SCORES: (p.weighted, GGUFValueType.BOOL),
         schema.KEY_CALIB_SOURCE: (calib.name, GGUFValueType.STRING),
         schema.KEY_CALIB_SHA256: (calib.sha256, GGUFValueType.STRING),
         schema.KEY_CALIB_TOKENS: (stats.tokens, GGUFValueType.UINT64),
@@ -698,7 +711,7 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
     # weight once per token, and a batch of tokens runs about 60x faster per byte on 2 threads.
     tokens_per_s = 6e10 / max(file_bytes, 1)
     stages = []
-    if o.load_stats is None and o.weighted_scores:
+    if o.load_stats is None and p.weighted:
         stages.append(Stage("column norms", p.info.n_layer, 1.0))
     if o.load_stats is None:
         stages.append(Stage("statistics", o.calib_tokens, tokens_per_s))
@@ -707,7 +720,7 @@ def progress_stages(p: Plan, new_bytes: int) -> list[Stage]:
         stages.append(
             Stage(
                 "allocation",
-                allocation.probe_runs(p.info, o.attn, probe_options(p)),
+                allocation.probe_runs(p.info, p.kinds, probe_options(p)),
                 tokens_per_s / max(o.allocate_tokens, 1),
             )
         )
@@ -726,7 +739,7 @@ def convert(options: ConvertOptions) -> Path:
     then the rename: the output appears complete or not at all."""
     p = plan(options)
     o = p.options
-    copies = transposed_tensors(p.info, o.attn, p.first_copies)
+    copies = transposed_tensors(p.info, p.kinds, p.first_copies)
     bar = StagedProgress(progress_stages(p, sum(t.nbytes for t in copies)), enabled=not o.quiet)
     try:
         return _convert(p, copies, bar)
@@ -739,7 +752,7 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
     o = p.options
     with tempfile.TemporaryDirectory(prefix="actsparse-convert-") as tmp:
         norms = None
-        if o.load_stats is None and o.weighted_scores:
+        if o.load_stats is None and p.weighted:
             norms = Path(tmp) / "column-norms.gguf"
             with bar.stage("column norms", "(weights dequantized)") as update:
                 done = 0
@@ -749,8 +762,7 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                     done += 1
                     update(done)
 
-                kinds = schema.sparse_kinds(o.attn)
-                column_norms.write_column_norms(norms, column_norms.column_norms(p.info, kinds, layer_done))
+                column_norms.write_column_norms(norms, column_norms.column_norms(p.info, p.kinds, layer_done))
         if o.load_stats is None:
             with bar.stage("statistics", f"({o.calib_tokens} tokens, dense)") as update:
                 stats, calib, stats_file = statistics_stage(p, Path(tmp), update, norms)
@@ -782,7 +794,7 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                 return allocation.uniform(levels, n_layer)
 
             if o.allocate:
-                runs = allocation.probe_runs(p.info, o.attn, probe_options(p))
+                runs = allocation.probe_runs(p.info, p.kinds, probe_options(p))
                 detail = f"({runs} sensitivity runs of {o.allocate_tokens} tokens)"
                 with bar.stage("allocation", detail) as update:
                     targets_for = allocated_targets(p, stats, written, text, update)
@@ -794,7 +806,7 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
                 detail = f"({COPY_CHOICE_RUNS} runs of {o.allocate_tokens} tokens)"
                 with bar.stage("copy type", detail) as update:
                     choice = choose_copies(p, stats, written, text, targets_for, Path(tmp), update)
-                    rewrite_copies(p.info, o.attn, written, choice)
+                    rewrite_copies(p.info, p.kinds, written, choice)
             found: list[quality_budget.Found] = []
             if p.budgets:
                 per = quality_budget.runs_per_budget()
@@ -832,8 +844,8 @@ def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:
 def build_parser(prog: str = "convert_with_thresholds.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Calibrate CHESS/CATS activation-sparsity thresholds on a GGUF model and write a "
-        "new GGUF that carries them (docs/gguf-format.md).",
+        description="Calibrate CHESS/CATS/R-Sparse activation-sparsity thresholds on a GGUF model and "
+        "write a new GGUF that carries them (docs/gguf-format.md).",
     )
     add_arguments(p)
     return p

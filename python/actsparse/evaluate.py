@@ -407,8 +407,8 @@ def _count_bytes(runs: list[Run]) -> None:
         if r.model not in dense:
             dense[r.model] = weight_bytes_per_token(model)
         overall = r.realized.get("overall", {})
-        s = [float(overall.get(k.name, r.level) or 0.0) for k in schema.KINDS]
-        r.bytes_share = weight_bytes_per_token(model, *s, level=r.level) / dense[r.model]
+        s = {k.name: float(overall.get(k.name, r.level) or 0.0) for k in schema.KINDS}
+        r.bytes_share = weight_bytes_per_token(model, s, level=r.level) / dense[r.model]
 
 
 def _measure_generation(

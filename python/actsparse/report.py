@@ -43,7 +43,10 @@ PROFILES = {
     "smollm2-135m": Profile("smollm2-135m", 16384, "0.3,0.5,0.7", 8, 25, None, 3),
     "qwen2.5-coder-1.5b": Profile("qwen2.5-coder-1.5b", 8192, "0.5", 4, 10, "0.5", 3),
 }
-VARIANTS = (("chess", True, "chess-attn"), ("chess", False, "chess"), ("cats", False, "cats"))
+VARIANTS = (
+    ("chess", True, "chess-attn"), ("chess", False, "chess"), ("cats", False, "cats"),
+    ("r-sparse", True, "r-sparse"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,12 @@ def measure_model(profile: Profile, out_dir: Path, options: ReportOptions) -> di
     paths, seconds = [], {}
     for method, attn, suffix in VARIANTS:
         path = work / f"{stem}.{suffix}.gguf"
+        # CHESS and CATS share the first conversion's statistics; R-Sparse's scores are its own
+        reuse = bool(paths) and method != "r-sparse"
         conv = convert.ConvertOptions(
             model=source, output=path, method=method, attn=attn, force=True, threads=options.threads,
-            calib_tokens=calib_tokens if not paths else convert.DEFAULT_TOKENS,
-            save_stats=stats if not paths else None, load_stats=stats if paths else None,
+            calib_tokens=calib_tokens if not reuse else convert.DEFAULT_TOKENS,
+            save_stats=stats if not paths else None, load_stats=stats if reuse else None,
         )  # fmt: skip
         t0 = time.perf_counter()
         _convert(conv, log)

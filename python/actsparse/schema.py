@@ -83,7 +83,30 @@ ATTN_Q_IN = Kind("attn_q_in", "blk.{}.attn_q_in_thresh", "blk.{}.attn_q.weight",
 ATTN_O_IN = Kind(
     "attn_o_in", "blk.{}.attn_o_in_thresh", "blk.{}.attn_output.weight", "blk.{}.attn_output_t.weight"
 )
-KINDS: tuple[Kind, ...] = (FFN, ATTN_Q_IN, ATTN_O_IN)  # numbered as the runtime numbers them
+# R-Sparse (--method r-sparse): the input of every other projection, scored |x_i| ||W[:, i]||.
+ATTN_K_IN = Kind("attn_k_in", "blk.{}.attn_k_in_thresh", "blk.{}.attn_k.weight", "blk.{}.attn_k_t.weight")
+ATTN_V_IN = Kind("attn_v_in", "blk.{}.attn_v_in_thresh", "blk.{}.attn_v.weight", "blk.{}.attn_v_t.weight")
+FFN_GATE_IN = Kind(
+    "ffn_gate_in", "blk.{}.ffn_gate_in_thresh", "blk.{}.ffn_gate.weight", "blk.{}.ffn_gate_t.weight"
+)
+FFN_UP_IN = Kind("ffn_up_in", "blk.{}.ffn_up_in_thresh", "blk.{}.ffn_up.weight", "blk.{}.ffn_up_t.weight")
+# ffn_down's input (the gated product), read from the same copy as CHESS's FFN channels
+FFN_DOWN_IN = Kind("ffn_down_in", "blk.{}.ffn_down_in_thresh", "blk.{}.ffn_down.weight", FFN.copy)
+# numbered as the runtime numbers them
+KINDS: tuple[Kind, ...] = (
+    FFN,
+    ATTN_Q_IN,
+    ATTN_O_IN,
+    ATTN_K_IN,
+    ATTN_V_IN,
+    FFN_GATE_IN,
+    FFN_UP_IN,
+    FFN_DOWN_IN,
+)
+# Files written before the R-Sparse kinds carry an allocation over these alone.
+LEGACY_ALLOCATION_KINDS = 3
+
+METHODS = ("chess", "cats", "r-sparse")
 
 # Architectures whose llama.cpp graph has a separate gate, up and down projection (through
 # llm_graph_context::build_ffn with a parallel gate), with the gate's activation.
@@ -141,6 +164,17 @@ def decode_matrices(tensors: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def sparse_kinds(attn: bool) -> tuple[Kind, ...]:
-    """The kinds a file carries: all of them, or the FFN's alone (--no-attn)."""
-    return KINDS if attn else (FFN,)
+def sparse_kinds(method: str, attn: bool) -> tuple[Kind, ...]:
+    """The kinds a file of `method` carries, with attention (`attn`) or the FFN's alone (--no-attn).
+    R-Sparse sparsifies the input of every projection; CHESS and CATS the FFN channels and, with
+    attention, the q and o inputs."""
+    if method == "r-sparse":
+        ffn = (FFN_GATE_IN, FFN_UP_IN, FFN_DOWN_IN)
+        return (ATTN_Q_IN, ATTN_O_IN, ATTN_K_IN, ATTN_V_IN, *ffn) if attn else ffn
+    return (FFN, ATTN_Q_IN, ATTN_O_IN) if attn else (FFN,)
+
+
+def copies(kinds: Sequence[Kind]) -> list[Kind]:
+    """The kinds whose copy is a tensor of its own (ffn_down_t once, whichever kind reads it)."""
+    seen: set[str] = set()
+    return [k for k in kinds if not (k.copy in seen or seen.add(k.copy))]

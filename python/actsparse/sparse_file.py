@@ -51,6 +51,11 @@ class SparseFile:
     copy_kld: dict[str, float] | None = None
 
     @property
+    def kinds(self) -> tuple[Kind, ...]:
+        """The kinds of sparse input the file carries."""
+        return schema.sparse_kinds(self.method, self.attn)
+
+    @property
     def allocated(self) -> bool:
         return self.allocation is not None
 
@@ -60,7 +65,10 @@ class SparseFile:
         weighted = " weighted" if self.weighted_scores else ""
         allocated = " allocated" if self.allocated else ""
         copies = " same-type copies" if self.transposed_type == "same" else ""
-        return f"{self.method.upper()}{attn}{weighted}{allocated}{copies}"
+        method = "R-Sparse" if self.method == "r-sparse" else self.method.upper()
+        attn = attn if self.method != "r-sparse" else "" if self.attn else " FFN only"
+        weighted = weighted if self.method != "r-sparse" else ""  # its scores always are
+        return f"{method}{attn}{weighted}{allocated}{copies}"
 
     def level_row(self, level: float | None = None) -> int:
         """The row of `level` (None: the default level) in the threshold tensors."""
@@ -112,6 +120,12 @@ def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
     if allocation is not None:
         shape = (len(levels), info.n_layer, len(schema.KINDS))
         allocation = np.asarray(allocation, dtype=np.float32)
+        legacy = (len(levels), info.n_layer, schema.LEGACY_ALLOCATION_KINDS)
+        if allocation.size == np.prod(legacy):  # written before the R-Sparse kinds: those target 0
+            allocation = np.concatenate(
+                [allocation.reshape(legacy), np.zeros((*legacy[:2], shape[2] - legacy[2]), np.float32)],
+                axis=2,
+            )
         if allocation.size != np.prod(shape) or not np.all((allocation >= 0) & (allocation < 1)):
             dims = "x".join(map(str, shape))
             raise GGUFError(f"{path}: {schema.KEY_ALLOCATION} is not {dims} values in [0, 1)")

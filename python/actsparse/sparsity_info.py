@@ -41,14 +41,17 @@ class SparsityInfo:
     allocated: bool = False
     level_budgets: list[float] | None = None
     copy_kld: dict[str, float] | None = None  # --transposed-type auto's measurement
+    kinds: list[str] = field(default_factory=list)  # the kinds of sparse input the file carries
 
 
 def read_sparsity_info(path: Path) -> SparsityInfo:
     """What `actsparse inspect` shows of a converted file."""
     f = read_sparse_file(path)
     layers = []
+    # the kind whose channels are the FFN's: CHESS's, or R-Sparse's ffn_down input
+    channels = schema.FFN_DOWN_IN if f.method == "r-sparse" else schema.FFN
     for il in range(f.model.n_layer):
-        values = f.all_thresholds(schema.FFN, il)
+        values = f.all_thresholds(channels, il)
         if values is None:
             continue
         layers.append(
@@ -58,14 +61,13 @@ def read_sparsity_info(path: Path) -> SparsityInfo:
                 attn_q=schema.ATTN_Q_IN.thresh_name(il) in f.model.tensors,
                 attn_o=schema.ATTN_O_IN.thresh_name(il) in f.model.tensors,
                 ffn_thresh_median=[float(np.median(v)) for v in values],
-                target={
-                    k.name: f.target(k, il) for k in schema.KINDS if k.thresh_name(il) in f.model.tensors
-                },
+                target={k.name: f.target(k, il) for k in f.kinds if k.thresh_name(il) in f.model.tensors},
             )
         )
     c = f.calibration
     return SparsityInfo(
         method=f.method,
+        kinds=[k.name for k in f.kinds],
         levels=f.levels,
         default_level=f.default_level,
         n_layer=f.model.n_layer,
@@ -115,11 +117,14 @@ def _inspect(args: argparse.Namespace) -> int:
         f"(window {c['window']}, sha256 {c['sha256'][:16]}...)"
     )
     n_attn = sum(1 for li in info.layers if li.attn_q and li.attn_o)
-    print(f"layers with thresholds: {len(info.layers)} FFN, {n_attn} attention")
+    print(f"layers with thresholds: {len(info.layers)} FFN, {n_attn} attention ({', '.join(info.kinds)})")
     if info.allocated:
         print(f"allocation:  by measured sensitivity, per layer and kind (s@{info.default_level:g} below)")
-    kinds = [k.name for k in schema.KINDS]
-    targets = "  ".join(f"{'s@' + k.removeprefix('attn_').removesuffix('_in'):>6}" for k in kinds)
+    kinds = info.kinds
+    short = [
+        k.removeprefix("attn_").removeprefix("ffn_").removesuffix("_in") if k != "ffn" else k for k in kinds
+    ]
+    targets = "  ".join(f"{'s@' + k:>6}" for k in short)
     header = "layer  channels  attn  " + targets + "  " + "  ".join(f"t~@{v:g}".rjust(9) for v in info.levels)
     print(header)
     for li in info.layers:
@@ -128,6 +133,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(
             f"{li.layer:5d}  {li.ffn_channels:8d}  {'q,o' if li.attn_q and li.attn_o else '-':4s}  {s}  {med}"
         )
-    print(f"(s@ = target sparsity of FFN channels, q input, o input at {info.default_level:g}; "
+    named = ", ".join(f"{k} input" if k != "ffn" else "FFN channels" for k in short)
+    print(f"(s@ = target sparsity of {named} at {info.default_level:g}; "
           "t~ = median FFN threshold over channels)")  # fmt: skip
     return 0
