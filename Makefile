@@ -63,7 +63,7 @@ demo: build venv
 	$(VPY) -m actsparse.cli demo
 
 test: build build-upstream venv
-	$(VPY) -m pytest -ra tests
+	$(VPY) -m pytest -ra --durations=40 tests
 
 test-neon:
 	JOBS=$(JOBS) scripts/test-neon.sh

@@ -12,6 +12,8 @@ SLOW_ENV = "ACTSPARSE_SLOW_TESTS"
 # The sparse-aware pass of the session's FFN-only files, which the evaluation tests compare (the
 # default file keeps the converter's own, min(--calib-tokens, 8192)).
 REFINE_TOKENS_COMPARED = 2048
+# ... and their levels: the two the evaluation tests compare (the sparse-aware pass runs per level)
+LEVELS_COMPARED = (0.3, 0.6)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,7 +41,7 @@ def small_model_path() -> Path:
 def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2 converted three ways from one short calibration (4096 tokens, saved statistics):
     chess-attn.gguf (every other option the default), chess.gguf (FFN only) and cats.gguf (both
-    with Q8_0 copies and a shorter sparse-aware pass)."""
+    with Q8_0 copies, the two compared levels and a shorter sparse-aware pass)."""
     from helpers import run_converter
 
     out = tmp_path_factory.mktemp("sparse-models")
@@ -57,7 +59,8 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
     )
     run_converter(
         small_model_path, "-o", out / "chess.gguf", "--no-attn", "--load-stats", stats,
-        "--refine-tokens", REFINE_TOKENS_COMPARED, "--transposed-type", "q8_0", "-q", check=True,
+        "--refine-tokens", REFINE_TOKENS_COMPARED, "--sparsity", ",".join(map(str, LEVELS_COMPARED)),
+        "--transposed-type", "q8_0", "-q", check=True,
     )  # fmt: skip
     run_converter(
         small_model_path,
@@ -70,6 +73,8 @@ def small_sparse_dir(small_model_path: Path, tmp_path_factory: pytest.TempPathFa
         stats,
         "--refine-tokens",
         REFINE_TOKENS_COMPARED,
+        "--sparsity",
+        ",".join(map(str, LEVELS_COMPARED)),
         "--transposed-type",
         "q8_0",
         "-q",

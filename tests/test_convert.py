@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from actsparse import calibration, engine, gguf_io, thresholds, tool_output
 from actsparse.data import heldout_corpus
 from actsparse.gguf_io import field_value
+from conftest import LEVELS_COMPARED
 from helpers import run_cli, run_converter, sha256_file
 
 LEVELS = [0.3, 0.4, 0.5, 0.6, 0.7]
@@ -154,7 +155,7 @@ def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> N
 
 def test_cats_has_one_threshold_per_layer(small_sparse_dir: Path) -> None:
     t = {x.name: x for x in GGUFReader(small_sparse_dir / "cats.gguf").tensors}
-    assert list(t["blk.0.ffn_act_thresh"].shape) == [1, len(LEVELS)]
+    assert list(t["blk.0.ffn_act_thresh"].shape) == [1, len(LEVELS_COMPARED)]
     assert "blk.0.attn_q_in_thresh" not in t and "blk.0.attn_q_t.weight" not in t
     assert "blk.0.ffn_down_t.weight" in t
 

@@ -110,7 +110,7 @@ def test_held_out_text_realizes_each_kind_s_level(small_rsparse_model: Path, tmp
     stats_file = tmp_path / "stats.json"
     cmd = [str(engine.binary("llama-perplexity")), "-m", str(small_rsparse_model), "-f", str(text),
            "-c", "256", "--chunks", "8", "-t", "2", "--sparse", "0.5",
-           "--sparse-stats-file", str(stats_file)]  # fmt: skip
+           "--sparse-stats", "--sparse-stats-file", str(stats_file)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     layers = tool_output.sparsity_stats(stats_file, "prefill")["layers"]
@@ -124,7 +124,8 @@ def test_held_out_text_realizes_each_kind_s_level(small_rsparse_model: Path, tmp
 def test_decode_bytes_count_every_projection_s_copy(small_rsparse_model: Path) -> None:
     tensors = {t.name: t for t in GGUFReader(small_rsparse_model).tensors}
     dense = weight_bytes_per_token(small_rsparse_model)
-    for s in (0.3, 0.5):
+    # Q8_0 copies of Q4_1 weights pay from about 0.53 on (the copy-cost rule): 0.5 reads the originals
+    for s in (0.5, 0.7):
         expected = dense
         for il in range(30):
             for kind in RSPARSE_KINDS:

@@ -129,9 +129,10 @@ struct layer_stats {
     // --column-norms: ||W_down[:, i]||, ||W_q[:, i]||, ||W_o[:, i]|| (empty: unweighted scores)
     std::vector<float> norm_ffn, norm_q_in, norm_o_in;
     std::vector<double> score_scale;        // m_i (times norm_ffn_i): the CHESS score's factor on |a_i|
-    std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows for tests
+    std::vector<float>  dump_gate, dump_act, dump_up, dump_q_in, dump_o_in;  // raw rows (tests, the low-rank search)
+    std::vector<float>  dump_ffn_in, dump_down_in;  // the FFN's input and W_down's (R-Sparse's nodes)
     std::vector<input_hist> inputs;  // the R-Sparse kinds' weighted score histograms
-    int64_t n_ff = 0, n_q_in = 0, n_o_in = 0;
+    int64_t n_ff = 0, n_q_in = 0, n_o_in = 0, n_ffn_in = 0;
     int64_t n_tok_up = 0, n_tok_act = 0;
 };
 
@@ -429,6 +430,13 @@ bool on_node(ggml_tensor * t, bool ask, void * user_data) {
             add_weighted_hist(L.hist_o_in, x, ne0, nrows, L.norm_o_in);
             dump(L.dump_o_in);
             break;
+        case node_kind::ffn_in:
+            L.n_ffn_in = ne0;
+            dump(L.dump_ffn_in);
+            break;
+        case node_kind::down_in:
+            dump(L.dump_down_in);
+            break;
         default: break;
     }
     for (input_hist & h : L.inputs) {
@@ -548,7 +556,8 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
     size_t bytes = 1 << 20;
     for (const auto & L : c.layers) {
         bytes += (L.sum_abs_up.size() + 4 * (size_t) N_BINS) * sizeof(double) + 1024;
-        bytes += (L.dump_gate.size() + L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size()) * sizeof(float) + 1024;
+        bytes += (L.dump_gate.size() + L.dump_act.size() + L.dump_up.size() + L.dump_q_in.size() + L.dump_o_in.size() +
+                  L.dump_ffn_in.size() + L.dump_down_in.size()) * sizeof(float) + 2 * 1024;
         bytes += (L.norm_ffn.size() + L.norm_q_in.size() + L.norm_o_in.size()) * sizeof(float) + 3 * 1024;
         for (const input_hist & h : L.inputs) bytes += N_BINS * sizeof(double) + h.norm.size() * sizeof(float) + 2 * 1024;
     }
@@ -590,6 +599,8 @@ void write_stats(const collector & c, const options & o, int64_t n_tokens_done, 
         if (!L.dump_up.empty())    add_f32(g, ctx, p + "dump.ffn_up", L.dump_up, L.n_ff);
         if (!L.dump_q_in.empty())  add_f32(g, ctx, p + "dump.attn_q_in", L.dump_q_in, L.n_q_in);
         if (!L.dump_o_in.empty())  add_f32(g, ctx, p + "dump.attn_o_in", L.dump_o_in, L.n_o_in);
+        if (!L.dump_ffn_in.empty()) add_f32(g, ctx, p + "dump.ffn_in", L.dump_ffn_in, L.n_ffn_in);
+        if (!L.dump_down_in.empty()) add_f32(g, ctx, p + "dump.ffn_down_in", L.dump_down_in, L.n_ff);
     }
     const std::string tmp = path + ".tmp";
     if (!gguf_write_to_file(g, tmp.c_str(), false)) {

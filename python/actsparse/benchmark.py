@@ -36,7 +36,7 @@ import numpy as np
 from . import engine, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
 from .options import add_command
-from .sparse_file import read_sparse_file
+from .sparse_file import cached_sparse_file, read_sparse_file
 
 
 @dataclass(frozen=True)
@@ -110,18 +110,19 @@ Sparsity = Mapping[str, float]  # kind name -> realized sparsity (a kind not nam
 
 def uniform_activity(path: Path, sparsity: Sparsity) -> Activity:
     """Every channel of a kind active with the same probability: 1 - its realized sparsity."""
-    tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
+    tensors = gguf_io.tensor_table(path)
     out: Activity = {}
     for kind in schema.KINDS:
         layers: list[np.ndarray] = []
         out[kind.name] = layers
-        if sparsity.get(kind.name, 0.0) <= 0:
+        share = sparsity.get(kind.name) or 0.0  # absent or None (a kind the run did not count): dense
+        if share <= 0:
             continue  # read whole
         for il in itertools.count():
             copy = tensors.get(kind.copy_name(il))
             if copy is None or kind.thresh_name(il) not in tensors:
                 break
-            layers.append(np.full(int(copy.shape[1]), 1.0 - sparsity[kind.name]))
+            layers.append(np.full(int(copy.shape[1]), 1.0 - share))
     return out
 
 
@@ -130,7 +131,7 @@ def layer_targets(path: Path, level: float | None) -> Callable[[schema.Kind, int
     the file has the level, else the level itself)."""
     if level is not None:
         try:
-            f = read_sparse_file(path)
+            f = cached_sparse_file(path)
         except GGUFError:
             f = None
         if f is not None and f.allocated and f.has_level(level):
@@ -147,7 +148,7 @@ def decode_reads(
     runtime chooses to read (schema.sparse_kernel_pays at the layer's target: its allocation at a
     level of the file, else `level`), of which only the active rows are read, at their real type.
     Without a level: dense decode of the original tensors."""
-    tensors = {t.name: t for t in gguf_io.open_gguf(path).tensors}
+    tensors = gguf_io.tensor_table(path)
     target = layer_targets(path, level)
     reads = []
     for name in schema.decode_matrices(tensors):
@@ -195,10 +196,11 @@ def weight_bytes_read(
     """Weight bytes one decode step reads, as (streamed, gathered), with every channel of a kind
     equally likely to be active (its realized `sparsity`, at target `level`, by default the
     largest; decode_reads). Without sparsity: dense decode."""
-    if not sparsity or not any(sparsity.values()):
+    shares = [v for v in (sparsity or {}).values() if v]
+    if not shares:
         return split_bytes(decode_reads(path))
-    activity = uniform_activity(path, sparsity)
-    return split_bytes(decode_reads(path, max(sparsity.values()) if level is None else level, activity))
+    activity = uniform_activity(path, sparsity or {})
+    return split_bytes(decode_reads(path, max(shares) if level is None else level, activity))
 
 
 def weight_bytes_per_token(path: Path, sparsity: Sparsity | None = None, level: float | None = None) -> float:
@@ -348,7 +350,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_levels(options: BenchOptions) -> list[float]:
     """The levels to measure, checked against the file's; ValueError/GGUFError name the problem."""
-    from .sparse_file import read_sparse_file
 
     info = read_sparse_file(options.model)
     if options.repeats < 1 or options.threads < 1 or options.n_gen < 1 or options.n_prompt < 0:

@@ -23,6 +23,17 @@ class CalibrationError(RuntimeError):
     """Calibration could not run; the message is one line for the user."""
 
 
+# The nodes --dump-layers stores rows of: FFN gate (before and after the activation), up, and the
+# inputs of attention's q and o, of the FFN (ffn_norm) and of W_down.
+DUMPED_NODES = ("ffn_gate", "ffn_act", "ffn_up", "attn_q_in", "attn_o_in", "ffn_in", "ffn_down_in")
+# The dumped node each input kind's product reads: q, k and v share the attention input, gate and
+# up the FFN's.
+INPUT_NODES = {
+    "attn_q_in": "attn_q_in", "attn_k_in": "attn_q_in", "attn_v_in": "attn_q_in", "attn_o_in": "attn_o_in",
+    "ffn_gate_in": "ffn_in", "ffn_up_in": "ffn_in", "ffn_down_in": "ffn_down_in",
+}  # fmt: skip
+
+
 @dataclass
 class LayerStats:
     mean_abs_up: np.ndarray
@@ -44,6 +55,10 @@ class LayerStats:
         if kind is schema.ATTN_O_IN:
             return self.o_in_hist
         return self.input_hists.get(kind.name)
+
+    def input_dump(self, kind: schema.Kind) -> np.ndarray | None:
+        """The dumped rows [tokens, inputs] entering the product of an input kind (--dump-layers)."""
+        return self.dumps.get(INPUT_NODES[kind.name])
 
 
 @dataclass
@@ -125,11 +140,12 @@ def read_stats(path: Path) -> CalibrationStats:
     if field_value(reader, "actsparse.stats.version") is None:
         raise CalibrationError(f"{path} is not a statistics file written by actsparse-calibrate")
     n_layer = int(field_value(reader, "actsparse.stats.n_layer"))
+    chess_kinds = schema.sparse_kinds("chess", True)  # their histograms have fields of their own
     layers = []
     for il in range(n_layer):
         p = f"blk.{il}."
         dumps = {}
-        for kind in ("ffn_gate", "ffn_act", "ffn_up", "attn_q_in", "attn_o_in"):
+        for kind in DUMPED_NODES:
             d = get(p + "dump." + kind)
             if d is not None:
                 dumps[kind] = d
@@ -148,8 +164,8 @@ def read_stats(path: Path) -> CalibrationStats:
                 },
                 input_hists={
                     kind.name: v.reshape(-1)
-                    for kind in schema.KINDS[len(schema.sparse_kinds("chess", True)) :]
-                    if (v := get(f"{p}{kind.name}_hist")) is not None
+                    for kind in schema.KINDS
+                    if kind not in chess_kinds and (v := get(f"{p}{kind.name}_hist")) is not None
                 },
             )
         )

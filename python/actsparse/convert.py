@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import (
     __version__,
@@ -373,10 +373,10 @@ def overwrite_thresholds(
 ) -> None:
     """Write new values into the threshold tensors of a GGUF in place (same shapes), new targets
     into its schema.KEY_ALLOCATION and new f32 values into `fields` (same lengths)."""
-    reader = GGUFReader(path, "r+")
-    for t in reader.tensors:
-        if t.name in values:
-            t.data[...] = values[t.name].reshape(t.data.shape)
+    reader = gguf_io.open_for_rewrite(path)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, v in values.items():
+        tensors[name].data[...] = v.reshape(tensors[name].data.shape)
     fields = dict(fields or {})
     if targets is not None:
         fields[schema.KEY_ALLOCATION] = np.asarray(targets).reshape(-1).tolist()
@@ -388,7 +388,6 @@ def overwrite_thresholds(
         for i, v in zip(f.data, flat, strict=True):
             f.parts[i][0] = v
     reader.data.flush()
-    del reader
 
 
 def allocated_targets(
@@ -746,6 +745,8 @@ def convert(options: ConvertOptions) -> Path:
     except BaseException:
         bar.close()  # the error that follows starts a line of its own
         raise
+    finally:
+        gguf_io.close_rewrites()  # a removed temporary file keeps its disk space while mapped
 
 
 def _convert(p: Plan, copies: list[NewTensor], bar: StagedProgress) -> Path:

@@ -6,6 +6,7 @@ it into `error: ...` and a non-zero exit.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import tempfile
@@ -53,6 +54,59 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFReader:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise GGUFError(f"{p}: truncated GGUF (tensor {t.name} extends past the end of the file)")
     return reader
+
+
+# Readers opened for in-place rewrites, by file identity: parsing a GGUF's metadata (a vocabulary
+# of 50k-150k strings) takes seconds, and the converter's searches rewrite thresholds between
+# hundreds of runs. A file replaced by rename is a new inode, so it is opened afresh.
+_rewrite_readers: dict[tuple[str, int, int], GGUFReader] = {}
+
+
+def open_for_rewrite(path: str | os.PathLike[str]) -> GGUFReader:
+    """The GGUF mapped read-write (writes reach the file's pages, which every later reader of the
+    file sees), opened once per file."""
+    st = os.stat(path)
+    key = (os.fspath(Path(path).resolve()), st.st_dev, st.st_ino)
+    reader = _rewrite_readers.get(key)
+    if reader is None:
+        for stale in [k for k in _rewrite_readers if k[0] == key[0]]:
+            del _rewrite_readers[stale]
+        reader = _rewrite_readers[key] = GGUFReader(path, "r+")
+    return reader
+
+
+def close_rewrites() -> None:
+    """Unmaps every file open_for_rewrite opened."""
+    _rewrite_readers.clear()
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]  # as gguf-py gives it, ne[0] first
+    n_bytes: int
+
+
+def file_version(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
+    """What identifies one version of a file: its resolved path, inode, size and modification time."""
+    st = os.stat(path)
+    return os.fspath(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def tensor_table(path: str | os.PathLike[str]) -> dict[str, TensorMeta]:
+    """Names, shapes and sizes of a GGUF's tensors, parsed once per version of the file: the
+    bytes model asks for them for every run it prices."""
+    if not Path(path).is_file():
+        raise GGUFError(f"{path}: no such file")
+    return _tensor_table(file_version(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _tensor_table(version: tuple[str, int, int, int]) -> dict[str, TensorMeta]:
+    return {
+        t.name: TensorMeta(t.name, tuple(int(x) for x in t.shape), int(t.n_bytes))
+        for t in open_gguf(version[0]).tensors
+    }
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:

@@ -7,6 +7,7 @@ as typed fields.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,19 @@ class SparseFile:
         """[levels, channels] of layer il's thresholds of `kind`."""
         t = self.model.tensors.get(kind.thresh_name(il))
         return None if t is None else np.asarray(t.data, dtype=np.float32).reshape(len(self.levels), -1)
+
+
+def cached_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
+    """read_sparse_file, parsed once per version of the file (gguf_io.file_version): the bytes
+    model reads a file's allocation for every run it prices. Callers must not modify it."""
+    if not Path(path).is_file():
+        raise GGUFError(f"{path}: no such file")
+    return _cached_sparse_file(gguf_io.file_version(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sparse_file(version: tuple[str, int, int, int]) -> SparseFile:
+    return read_sparse_file(version[0])
 
 
 def read_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
