@@ -135,7 +135,7 @@ def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> N
     text = tmp_path / "heldout.txt"
     text.write_text(heldout_corpus().text[:200000])
     deviation = []
-    for level in LEVELS:
+    for level in LEVELS[::2]:  # 0.3, 0.5 and 0.7: the middle and both ends
         proc = subprocess.run(
             [str(engine.binary("llama-perplexity")), "-m", str(converted["output"]), "-f", str(text),
              "-c", "512", "--chunks", "8", "-t", "2", "--sparse", f"{level:g}",
@@ -149,7 +149,7 @@ def test_realized_sparsity_on_heldout_text(converted: dict, tmp_path: Path) -> N
         assert realized["overall"]["ffn"] == pytest.approx(level, abs=0.01)
     worst = np.abs(np.array(deviation)).max(axis=1)
     assert np.all(worst <= 0.045), (
-        f"worst per-layer deviation per level {dict(zip(LEVELS, worst.round(3), strict=True))}"
+        f"worst per-layer deviation per level {dict(zip(LEVELS[::2], worst.round(3), strict=True))}"
     )
 
 

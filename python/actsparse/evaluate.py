@@ -33,7 +33,7 @@ from typing import Any
 from . import __version__, engine, generation, gguf_io, schema, tool_output
 from .gguf_io import GGUFError
 from .options import add_command, command_line
-from .sparse_file import NoThresholdsError, SparseFile, read_sparse_file
+from .sparse_file import NoThresholdsError, SparseFile, cached_sparse_file
 from .tool_output import ToolOutputError
 
 DEFAULT_CTX = 512
@@ -83,7 +83,7 @@ class Run:
 
 def read_sparse_model(path: Path) -> SparseFile:
     try:
-        return read_sparse_file(path)
+        return cached_sparse_file(path)  # the bytes model reads the same file again per run
     except NoThresholdsError:
         raise GGUFError(
             f"{path} has no sparsity thresholds: convert it with python/convert_with_thresholds.py "
@@ -95,11 +95,12 @@ def _same_weights(a: Path, b: Path) -> bool:
     """Whether two GGUFs carry the same original tensors (names, types, shapes, bytes of one)."""
 
     def signature(path: Path) -> tuple[list[tuple[str, int, tuple[int, ...]]], bytes]:
-        reader = gguf_io.open_gguf(path)
-        tensors = [t for t in reader.tensors if not schema.is_sparsity_tensor(t.name)]
-        sig = sorted((t.name, int(t.tensor_type), tuple(int(x) for x in t.shape)) for t in tensors)
+        tensors = [t for t in gguf_io.tensor_table(path).values() if not schema.is_sparsity_tensor(t.name)]
+        sig = sorted((t.name, t.tensor_type, t.shape) for t in tensors)
         first = min(tensors, key=lambda t: t.name)
-        return sig, bytes(first.data[:4096].tobytes())
+        with open(path, "rb") as f:
+            f.seek(first.data_offset)
+            return sig, f.read(min(4096, first.n_bytes))
 
     return signature(a) == signature(b)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,8 @@ class TensorMeta:
     name: str
     shape: tuple[int, ...]  # as gguf-py gives it, ne[0] first
     n_bytes: int
+    tensor_type: int = 0
+    data_offset: int = 0  # from the start of the file
 
 
 def file_version(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
@@ -93,20 +96,103 @@ def file_version(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
     return os.fspath(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def tensor_table(path: str | os.PathLike[str]) -> dict[str, TensorMeta]:
-    """Names, shapes and sizes of a GGUF's tensors, parsed once per version of the file: the
-    bytes model asks for them for every run it prices."""
+# GGUF value types (gguf-py's GGUFValueType) by their struct format; 8 is a string, 9 an array.
+_SCALAR_FORMATS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+_SMALL_ARRAY = 4096  # longer arrays (the vocabulary) are skipped, not decoded
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str) -> Any:
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        self.pos += n
+        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            if count > _SMALL_ARRAY:
+                if etype == _STRING:
+                    for _ in range(count):
+                        self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                elif etype in _SCALAR_FORMATS:
+                    self.pos += count * struct.calcsize(_SCALAR_FORMATS[etype])
+                else:
+                    raise ValueError(f"array of value type {etype}")
+                return None
+            return [self.value(etype) for _ in range(count)]
+        if vtype not in _SCALAR_FORMATS:
+            raise ValueError(f"value type {vtype}")
+        return self.take(_SCALAR_FORMATS[vtype])
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    """A GGUF's metadata (arrays of more than a few thousand values left out as None) and its
+    tensors' names, shapes, types and places, parsed in milliseconds where gguf-py's reader takes
+    seconds over a vocabulary."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, TensorMeta]
+
+
+def gguf_index(path: str | os.PathLike[str]) -> GGUFIndex:
+    """The file's GGUFIndex, parsed once per version of the file (GGUFError if it is not a GGUF)."""
     if not Path(path).is_file():
         raise GGUFError(f"{path}: no such file")
-    return _tensor_table(file_version(path))
+    return _gguf_index(file_version(path))
 
 
 @functools.lru_cache(maxsize=32)
-def _tensor_table(version: tuple[str, int, int, int]) -> dict[str, TensorMeta]:
-    return {
-        t.name: TensorMeta(t.name, tuple(int(x) for x in t.shape), int(t.n_bytes))
-        for t in open_gguf(version[0]).tensors
-    }
+def _gguf_index(version: tuple[str, int, int, int]) -> GGUFIndex:
+    path, size = version[0], version[2]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != GGUF_MAGIC:
+            raise GGUFError(f"{path}: not a GGUF file (bad magic)")
+        c = _Cursor(buf)
+        c.pos = 4
+        try:
+            c.take("<I")  # version
+            n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+            fields = {}
+            for _ in range(n_kv):
+                key = c.string()
+                fields[key] = c.value(c.take("<I"))
+            infos = []
+            for _ in range(n_tensors):
+                name = c.string()
+                shape = tuple(c.take("<Q") for _ in range(c.take("<I")))
+                infos.append((name, shape, c.take("<I"), c.take("<Q")))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise GGUFError(f"{path}: truncated or corrupt GGUF ({e})") from None
+    alignment = int(fields.get("general.alignment", 32))
+    start = -(-c.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, ttype, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        n_bytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+        if start + offset + n_bytes > size:
+            raise GGUFError(f"{path}: truncated GGUF (tensor {name} extends past the end of the file)")
+        tensors[name] = TensorMeta(name, shape, n_bytes, ttype, start + offset)
+    return GGUFIndex(fields, tensors)
+
+
+def tensor_table(path: str | os.PathLike[str]) -> dict[str, TensorMeta]:
+    """Names, shapes and sizes of a GGUF's tensors (gguf_index): the bytes model asks for them for
+    every run it prices."""
+    return gguf_index(path).tensors
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
