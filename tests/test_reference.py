@@ -136,7 +136,14 @@ def kl(ref: np.ndarray, other: np.ndarray) -> float:
 
 
 def test_masks_are_removed_cleanly(measured: dict) -> None:
-    assert np.array_equal(measured["ref_dense"], measured["ref_dense_after"])
+    """The dense logits after the masked runs equal those before, up to torch's CPU arithmetic, which
+    is not always bit-reproducible between runs (one run in two on an Intel Xeon differed in the fourth decimal);
+    the mildest mask moves them by 12."""
+    before, after = measured["ref_dense"], measured["ref_dense_after"]
+    noise = float(np.abs(before - after).max())
+    assert noise < 1e-2, noise
+    assert float(np.abs(measured["ref_sparse_0.4"] - before).max()) > 100 * max(noise, 1e-2)
+    assert kl(before, after) < 1e-8
 
 
 def test_reference_masks_zero_what_the_runtime_zeroes(measured: dict) -> None:
