@@ -82,6 +82,6 @@ def test_budgets_that_cannot_be_met_or_parsed_are_refused(small_model_path: Path
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_converter(
         small_model_path, "-o", out, "--sparsity", "kld:1e-7", "--calib-tokens", 512,
-        "--allocate-tokens", 256, "--refine-tokens", 0, "--no-attn", "-q",
+        "--allocate-tokens", 256, "--refine-tokens", 0, "--no-attn", "--transposed-type", "q8_0", "-q",
     )  # fmt: skip
     assert proc.returncode == 2 and "cannot be met" in proc.stderr and not out.exists()

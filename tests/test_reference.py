@@ -137,7 +137,7 @@ def kl(ref: np.ndarray, other: np.ndarray) -> float:
 
 def test_masks_are_removed_cleanly(measured: dict) -> None:
     """The dense logits after the masked runs equal those before, up to torch's CPU arithmetic, which
-    is not always bit-reproducible between runs (one run in two on an Intel Xeon differed in the fourth decimal);
+    is not always bit-reproducible (one run in two on an Intel Xeon differed in the fourth decimal);
     the mildest mask moves them by 12."""
     before, after = measured["ref_dense"], measured["ref_dense_after"]
     noise = float(np.abs(before - after).max())
