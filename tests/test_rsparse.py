@@ -137,6 +137,19 @@ def test_decode_bytes_count_every_projection_s_copy(small_rsparse_model: Path) -
     assert got < dense
 
 
+def test_bench_prices_a_level_where_no_copy_pays(small_rsparse_model: Path) -> None:
+    """At 0.5 no Q8_0 copy of these Q4_1 weights pays: decode multiplies the originals by the masked
+    inputs, gathers nothing, and the bytes model reads the dense bytes."""
+    from actsparse.benchmark import decode_reads, realized_sparsity
+
+    overall, activity = realized_sparsity(small_rsparse_model, 0.5, threads=2)
+    assert all(abs(overall[k.name] - 0.5) < 0.2 for k in RSPARSE_KINDS), overall
+    assert all(layers == [] for layers in activity.values())
+    reads = decode_reads(small_rsparse_model, 0.5, activity)
+    assert all(r.active is None for r in reads)
+    assert sum(r.nbytes for r in reads) == pytest.approx(weight_bytes_per_token(small_rsparse_model))
+
+
 def test_inspect_names_the_kinds(small_rsparse_model: Path) -> None:
     proc = run_cli("inspect", small_rsparse_model)
     assert proc.returncode == 0, proc.stderr

@@ -80,8 +80,10 @@ def channel_activity(path: Path) -> dict[str, list[np.ndarray]]:
     except (OSError, ValueError) as e:
         raise ToolOutputError(f"no readable sparsity statistics in {path} ({e.__class__.__name__})") from None
     tokens, channels = doc.get("decode_tokens"), doc.get("decode_channels")
-    if not isinstance(tokens, int) or tokens <= 0 or not isinstance(channels, dict):
+    if not isinstance(tokens, int) or tokens < 0 or not isinstance(channels, dict):
         raise ToolOutputError(f"{path} has no per-channel decode statistics")
+    if tokens == 0:  # no product ran through the sparse kernels (none pays at the level): none gathered
+        return {k.name: [] for k in schema.KINDS}
     return {
         k.name: [np.asarray(layer, dtype=np.float64) / tokens for layer in channels.get(k.name, [])]
         for k in schema.KINDS
