@@ -350,7 +350,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_levels(options: BenchOptions) -> list[float]:
     """The levels to measure, checked against the file's; ValueError/GGUFError name the problem."""
-
     info = read_sparse_file(options.model)
     if options.repeats < 1 or options.threads < 1 or options.n_gen < 1 or options.n_prompt < 0:
         raise ValueError("--repeats, --threads and -n must be positive, -p 0 or more")
