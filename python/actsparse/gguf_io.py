@@ -91,7 +91,10 @@ class TensorMeta:
 
 
 def file_version(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
-    """What identifies one version of a file: its resolved path, inode, size and modification time."""
+    """What identifies one version of a file: its resolved path, inode, size and modification time
+    (GGUFError if there is no such file)."""
+    if not Path(path).is_file():
+        raise GGUFError(f"{path}: no such file")
     st = os.stat(path)
     return os.fspath(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -150,8 +153,6 @@ class GGUFIndex:
 
 def gguf_index(path: str | os.PathLike[str]) -> GGUFIndex:
     """The file's GGUFIndex, parsed once per version of the file (GGUFError if it is not a GGUF)."""
-    if not Path(path).is_file():
-        raise GGUFError(f"{path}: no such file")
     return _gguf_index(file_version(path))
 
 

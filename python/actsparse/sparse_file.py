@@ -107,8 +107,6 @@ class SparseFile:
 def cached_sparse_file(path: str | os.PathLike[str]) -> SparseFile:
     """read_sparse_file, parsed once per version of the file (gguf_io.file_version): the bytes
     model reads a file's allocation for every run it prices. Callers must not modify it."""
-    if not Path(path).is_file():
-        raise GGUFError(f"{path}: no such file")
     return _cached_sparse_file(gguf_io.file_version(path))
 
 
